@@ -1,0 +1,158 @@
+"""DataModule for user-item interaction data (general, non-sequential recommendation)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import polars as pl
+import torch
+from torch.utils.data import DataLoader
+
+from recsys.data.registry import load_interactions
+from recsys.data.sampling import PairwiseBatches, UserBatches
+from recsys.data.splitters import Split
+from retrieval.types import ItemSets
+
+log = logging.getLogger(__name__)
+
+Filter = Callable[[pl.DataFrame], pl.DataFrame]
+Splitter = Callable[[pl.DataFrame], Split]
+
+
+def compact_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
+    """Remap the users and items still present to contiguous ids (0..n-1), keeping order.
+
+    Returns:
+        (frame with new ``user``/``item`` columns, num_users, num_items)
+    """
+    users = df["user"].unique().sort()
+    items = df["item"].unique().sort()
+    umap = pl.DataFrame({"user": users, "_u": pl.int_range(users.len(), eager=True, dtype=pl.Int64)})
+    imap = pl.DataFrame({"item": items, "_i": pl.int_range(items.len(), eager=True, dtype=pl.Int64)})
+    out = (
+        df.join(umap, on="user", how="left")
+        .join(imap, on="item", how="left")
+        .drop("user", "item")
+        .rename({"_u": "user", "_i": "item"})
+    )
+    return out, users.len(), items.len()
+
+
+def item_sets(df: pl.DataFrame, num_users: int, num_items: int) -> ItemSets:
+    """The per-user item sets of an interactions frame."""
+    users = torch.from_numpy(df["user"].to_numpy().astype("int64"))
+    items = torch.from_numpy(df["item"].to_numpy().astype("int64"))
+    return ItemSets.from_pairs(users, items, num_users, num_items)
+
+
+class InteractionDataModule(L.LightningDataModule):
+    """Interactions → filters → split → BPR training triples and full-sort evaluation users.
+
+    Data flows one way: the dataset reader (cached parquet) gives the canonical
+    interactions; ``filters`` run in order (e.g. implicit threshold, k-core); if they
+    removed users or items, ids are compacted; ``splitter`` returns a leakage-checked
+    :class:`~recsys.data.splitters.Split`.
+
+    At validation, a user's candidates are all items minus their training items; at test,
+    minus training and validation items (STYLE.md's evaluation convention).
+
+    Args:
+        dataset: registered dataset name (e.g. ``movielens-100k``).
+        splitter: callable turning interactions into a Split.
+        filters: callables applied in order before splitting.
+        num_users: expected number of users after filtering; checked against the data
+            (models get it through interpolation).
+        num_items: expected number of items after filtering; checked likewise.
+        root: directory holding the dataset folder (default: ``$SPARROW_DATA_DIR``).
+        download: fetch the official files when missing.
+        batch_size: training triples per batch.
+        eval_batch_size: users per evaluation batch.
+        num_negatives: negatives per positive.
+        seed: base seed of the per-epoch shuffling and negative sampling.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        splitter: Splitter,
+        filters: Sequence[Filter] = (),
+        num_users: int | None = None,
+        num_items: int | None = None,
+        root: str | Path | None = None,
+        download: bool = False,
+        batch_size: int = 2048,
+        eval_batch_size: int = 1024,
+        num_negatives: int = 1,
+        seed: int = 2020,
+    ):
+        super().__init__()
+        self.dataset, self.splitter, self.filters = dataset, splitter, list(filters)
+        self.expected_users, self.expected_items = num_users, num_items
+        self.root, self.download = root, download
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_negatives, self.seed = num_negatives, seed
+        self.split: Split | None = None
+        self.num_users = self.num_items = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        data = load_interactions(self.dataset, root=self.root, download=self.download)
+        df = data.interactions
+        for f in self.filters:
+            df = f(df)
+        num_users, num_items = data.num_users, data.num_items
+        if df["user"].n_unique() < num_users or df["item"].n_unique() < num_items:
+            df, num_users, num_items = compact_ids(df)
+        self._check_count("num_users", self.expected_users, num_users)
+        self._check_count("num_items", self.expected_items, num_items)
+        self.num_users, self.num_items = num_users, num_items
+        self.split = self.splitter(df)
+        self.train_sets = item_sets(self.split.train, num_users, num_items)
+        self.val_sets = item_sets(self.split.val, num_users, num_items)
+        self.test_sets = item_sets(self.split.test, num_users, num_items)
+        log.info(
+            "%s: %d users, %d items; train/val/test = %d/%d/%d interactions",
+            self.dataset, num_users, num_items, self.split.train.height, self.split.val.height,
+            self.split.test.height,
+        )
+
+    def _check_count(self, key: str, expected: int | None, found: int) -> None:
+        if expected is not None and expected != found:
+            raise ValueError(
+                f"data.{key}={expected} in the config, but {self.dataset} has {found} after filtering; "
+                f"set data.{key}={found}"
+            )
+
+    def targets(self, stage: str) -> ItemSets:
+        """Ground truth of ``stage`` ("val" or "test")."""
+        return {"val": self.val_sets, "test": self.test_sets}[stage]
+
+    def exclude(self, stage: str) -> ItemSets:
+        """Items never ranked at ``stage``: training items, plus validation items at test."""
+        return self.train_sets if stage == "val" else self.train_sets.union(self.val_sets)
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        tr = self.split.train
+        users = torch.from_numpy(tr["user"].to_numpy().astype("int64"))
+        items = torch.from_numpy(tr["item"].to_numpy().astype("int64"))
+        batches = PairwiseBatches(
+            users, items, self.train_sets, self.batch_size, self.num_negatives, self.seed, self._epoch
+        )
+        return DataLoader(batches, batch_size=None)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        users = torch.nonzero(self.targets(stage).sizes() > 0).squeeze(1)
+        return DataLoader(UserBatches(users, self.eval_batch_size), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,108 @@
+"""Run reports: ``metrics.json`` (machine-readable) and ``report.md`` (for people).
+
+Both files are written to a temp file and renamed into place, so a crashed run never
+leaves a half-written report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split_name(key: str) -> tuple[str, int] | None:
+    """``"ndcg@10"`` -> ``("ndcg", 10)``; None for keys without a cut-off."""
+    m = re.fullmatch(r"(.+)@(\d+)", key)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def metrics_table(metrics: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
+    """A Markdown table: one row per stage, one column per ``metric@k``.
+
+    Args:
+        metrics: ``{stage: {"ndcg@10": 0.31, ...}}``; stage prefixes in keys are dropped.
+        digits: decimals shown.
+    """
+    columns: list[str] = []
+    for values in metrics.values():
+        for key in values:
+            name = key.split("/")[-1]
+            if _split_name(name) and name not in columns:
+                columns.append(name)
+    columns.sort(key=lambda c: (_split_name(c)[0], _split_name(c)[1]))
+    lines = ["| stage | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for stage, values in metrics.items():
+        flat = {k.split("/")[-1]: v for k, v in values.items()}
+        cells = [f"{flat[c]:.{digits}f}" if c in flat else "" for c in columns]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | Path,
+    title: str,
+    metrics: Mapping[str, Mapping[str, float]],
+    protocol: Mapping[str, object],
+    timings: Mapping[str, float],
+    config_yaml: str,
+) -> Path:
+    """Write ``metrics.json`` and ``report.md`` into ``out_dir``.
+
+    Args:
+        out_dir: the run's folder.
+        title: report heading (e.g. the experiment name).
+        metrics: ``{stage: {metric: value}}`` for "val" (of the selected model) and "test".
+        protocol: what a reader needs to compare numbers: dataset, split, candidates,
+            metric convention, compatibility modes in use, selection rule.
+        timings: seconds per phase (``fit``, ``test``, ...).
+        config_yaml: the fully resolved config.
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out_dir = Path(out_dir)
+    payload = {"title": title, "metrics": metrics, "protocol": protocol, "timings_s": timings}
+    atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    parts = [
+        f"# {title}",
+        "",
+        "## Results",
+        "",
+        metrics_table(metrics),
+        "",
+        "## Protocol",
+        "",
+        *[f"- **{k}**: {v}" for k, v in protocol.items()],
+        "",
+        "## Time",
+        "",
+        *[f"- {k}: {v:.1f} s" for k, v in timings.items()],
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    report = out_dir / "report.md"
+    atomic_write_text(report, "\n".join(parts))
+    return report

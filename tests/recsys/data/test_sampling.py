@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from recsys.data.sampling import PairwiseBatches, UserBatches, sample_negatives
+from retrieval.types import ItemSets
+
+
+def _sets(n_users: int = 50, n_items: int = 40, density: float = 0.5, seed: int = 0) -> ItemSets:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_users, n_items, generator=g) < density
+    mask[torch.arange(n_users), torch.arange(n_users) % n_items] = False  # every user has a negative
+    users, items = mask.nonzero(as_tuple=True)
+    return ItemSets.from_pairs(users, items, n_users, n_items)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.95])
+@pytest.mark.parametrize("num_negatives", [1, 4])
+def test_negatives_never_hit_positives(density: float, num_negatives: int) -> None:
+    sets = _sets(density=density)
+    users = sets.row_ids()
+    neg = sample_negatives(users, sets, num_negatives, torch.Generator().manual_seed(1))
+    assert neg.shape == (users.numel(), num_negatives)
+    dense = torch.zeros(sets.num_users, sets.num_items, dtype=torch.bool)
+    dense[sets.row_ids(), sets.indices] = True
+    assert not dense[users.unsqueeze(1).expand_as(neg), neg].any()
+    assert neg.min() >= 0 and neg.max() < sets.num_items
+
+
+def test_negatives_are_uniform_over_non_positives() -> None:
+    # one user with items {0, 1} positive out of 5: negatives uniform over {2, 3, 4}
+    sets = ItemSets.from_pairs(torch.tensor([0, 0]), torch.tensor([0, 1]), 1, 5)
+    neg = sample_negatives(torch.zeros(30000, dtype=torch.int64), sets, 1, torch.Generator().manual_seed(0))
+    counts = torch.bincount(neg.flatten(), minlength=5)
+    assert counts[:2].sum() == 0
+    assert (counts[2:].float() / 30000 - 1 / 3).abs().max() < 0.02
+
+
+def test_user_with_every_item_gives_a_clear_error() -> None:
+    sets = ItemSets.from_pairs(torch.zeros(3, dtype=torch.int64), torch.arange(3), 1, 3)
+    with pytest.raises(RuntimeError, match="3 of 3 items"):
+        sample_negatives(torch.tensor([0]), sets, 1, torch.Generator().manual_seed(0), max_rounds=3)
+
+
+def test_pairwise_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch() -> None:
+    sets = _sets()
+    users, items = sets.row_ids(), sets.indices
+    epoch = {"e": 0}
+    ds = PairwiseBatches(users, items, sets, batch_size=64, num_negatives=2, seed=7, epoch_fn=lambda: epoch["e"])
+    first = list(ds)
+    assert len(first) == len(ds)
+    seen = torch.cat([b["users"] * 1000 + b["pos"] for b in first]).sort().values
+    assert torch.equal(seen, (users * 1000 + items).sort().values)  # every interaction once
+    again = list(ds)
+    assert all(torch.equal(a["neg"], b["neg"]) for a, b in zip(first, again, strict=True))
+    epoch["e"] = 1
+    other = list(ds)
+    assert not torch.equal(first[0]["pos"], other[0]["pos"])
+
+
+def test_user_batches_cover_users_in_order() -> None:
+    users = torch.arange(10)
+    batches = [b["users"] for b in UserBatches(users, 4)]
+    assert [b.numel() for b in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat(batches), users)
