@@ -11,42 +11,38 @@ from torch.utils.data import IterableDataset
 from retrieval.types import ItemSets
 
 
-def sample_negatives(
-    users: Tensor, positives: ItemSets, num_negatives: int, generator: torch.Generator, max_rounds: int = 100
-) -> Tensor:
+def sample_negatives(users: Tensor, positives: ItemSets, num_negatives: int, generator: torch.Generator) -> Tensor:
     """Uniform negatives: for each user, items outside the user's positive set.
 
-    Rejection sampling, vectorised: draw all candidates, redraw only the collisions.
+    Exact and rejection-free: draw a rank ``r`` uniformly in ``[0, I - |P_u|)`` and map it
+    to the ``r``-th item not in ``P_u``. With ``P_u = {p_0 < p_1 < ...}``, the number of
+    non-positives before ``p_k`` is ``p_k - k``, so the ``r``-th non-positive is ``r + j``
+    where ``j = #{k : p_k - k <= r}`` (a binary search in the user's CSR row).
 
     Args:
         users: (N,) int64 user ids.
         positives: the users' positive item sets (CSR, sorted rows).
         num_negatives: negatives per row.
         generator: seeded CPU generator.
-        max_rounds: redraw rounds before giving up (only a user who has interacted
-            with almost every item can exhaust it).
 
     Returns:
         (N, num_negatives) int64 item ids, none of them in the user's positive set.
     """
     n_items = positives.num_items
-    keys = positives.row_ids() * n_items + positives.indices  # (nnz,) sorted
-    shape = (users.numel(), num_negatives)
-    negatives = torch.randint(n_items, shape, generator=generator)  # (N, n)
-    user_keys = users.unsqueeze(1) * n_items  # (N, 1)
-    for _ in range(max_rounds):
-        cand = user_keys + negatives  # (N, n)
-        pos = torch.searchsorted(keys, cand).clamp(max=max(keys.numel() - 1, 0))
-        clash = keys[pos] == cand if keys.numel() else torch.zeros_like(cand, dtype=torch.bool)
-        n_clash = int(clash.sum())
-        if n_clash == 0:
-            return negatives
-        negatives[clash] = torch.randint(n_items, (n_clash,), generator=generator)
-    full = positives.sizes()[users].max().item()
-    raise RuntimeError(
-        f"negative sampling failed after {max_rounds} rounds: some user has {full} of {n_items} items "
-        "as positives; filter such users (k-core / max-degree) or lower num_negatives"
-    )
+    free = n_items - positives.sizes()[users]  # (N,)
+    if users.numel() and int(free.min()) <= 0:
+        bad = int(users[free <= 0][0])
+        raise ValueError(
+            f"user {bad} has every one of the {n_items} items as a positive, so no negative exists; "
+            "filter such users before pairwise training"
+        )
+    local = torch.arange(positives.indices.numel()) - positives.indptr[:-1].repeat_interleave(positives.sizes())
+    keys = positives.row_ids() * n_items + (positives.indices - local)  # (nnz,) sorted
+    ranks = (torch.rand((users.numel(), num_negatives), generator=generator) * free.unsqueeze(1)).long()
+    ranks = torch.minimum(ranks, free.unsqueeze(1) - 1)  # (N, n) guard against rounding up to `free`
+    query = users.unsqueeze(1) * n_items + ranks  # (N, n)
+    before = torch.searchsorted(keys, query, right=True) - positives.indptr[users].unsqueeze(1)  # (N, n)
+    return ranks + before
 
 
 class PairwiseBatches(IterableDataset):

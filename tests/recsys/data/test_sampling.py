@@ -9,11 +9,12 @@ def _sets(n_users: int = 50, n_items: int = 40, density: float = 0.5, seed: int 
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(n_users, n_items, generator=g) < density
     mask[torch.arange(n_users), torch.arange(n_users) % n_items] = False  # every user has a negative
+    mask[0, 1:] = True  # user 0 has exactly one negative: item 0
     users, items = mask.nonzero(as_tuple=True)
     return ItemSets.from_pairs(users, items, n_users, n_items)
 
 
-@pytest.mark.parametrize("density", [0.1, 0.5, 0.95])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.99])
 @pytest.mark.parametrize("num_negatives", [1, 4])
 def test_negatives_never_hit_positives(density: float, num_negatives: int) -> None:
     sets = _sets(density=density)
@@ -24,21 +25,22 @@ def test_negatives_never_hit_positives(density: float, num_negatives: int) -> No
     dense[sets.row_ids(), sets.indices] = True
     assert not dense[users.unsqueeze(1).expand_as(neg), neg].any()
     assert neg.min() >= 0 and neg.max() < sets.num_items
+    assert (neg[users == 0] == 0).all()
 
 
 def test_negatives_are_uniform_over_non_positives() -> None:
-    # one user with items {0, 1} positive out of 5: negatives uniform over {2, 3, 4}
-    sets = ItemSets.from_pairs(torch.tensor([0, 0]), torch.tensor([0, 1]), 1, 5)
-    neg = sample_negatives(torch.zeros(30000, dtype=torch.int64), sets, 1, torch.Generator().manual_seed(0))
-    counts = torch.bincount(neg.flatten(), minlength=5)
-    assert counts[:2].sum() == 0
-    assert (counts[2:].float() / 30000 - 1 / 3).abs().max() < 0.02
+    # one user with items {1, 3} positive out of 6: negatives uniform over {0, 2, 4, 5}
+    sets = ItemSets.from_pairs(torch.tensor([0, 0]), torch.tensor([3, 1]), 1, 6)
+    neg = sample_negatives(torch.zeros(40000, dtype=torch.int64), sets, 1, torch.Generator().manual_seed(0))
+    counts = torch.bincount(neg.flatten(), minlength=6).float() / 40000
+    assert counts[1] == 0 and counts[3] == 0
+    assert (counts[[0, 2, 4, 5]] - 1 / 4).abs().max() < 0.02
 
 
 def test_user_with_every_item_gives_a_clear_error() -> None:
     sets = ItemSets.from_pairs(torch.zeros(3, dtype=torch.int64), torch.arange(3), 1, 3)
-    with pytest.raises(RuntimeError, match="3 of 3 items"):
-        sample_negatives(torch.tensor([0]), sets, 1, torch.Generator().manual_seed(0), max_rounds=3)
+    with pytest.raises(ValueError, match="user 0 has every one of the 3 items"):
+        sample_negatives(torch.tensor([0]), sets, 1, torch.Generator().manual_seed(0))
 
 
 def test_pairwise_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch() -> None:
