@@ -33,6 +33,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 import zipfile
@@ -137,7 +138,7 @@ def _not_found(source: DatasetSource, looked: list[Path], default_dir: Path) -> 
         f"point Sparrow at a local copy with {DATA_ENV}=<dir holding {source.name}/> "
         f"or root=<dir> (Hydra: data.root=<dir>)"
     )
-    if any(r.checksum() for r in source.remote):
+    if source.remote and all(r.checksum() for r in source.remote):
         lines.append(
             f"or pass download=True (Hydra: data.download=true) to fetch "
             f"{', '.join(r.url for r in source.remote)} into {default_dir}"
@@ -182,7 +183,7 @@ def resolve_dataset_dir(
     if not download or not source.remote or not all(r.checksum() for r in source.remote):
         raise _not_found(source, candidates, target)
     for remote in source.remote:
-        download_file(remote, target)
+        _download(remote, target)
     still = _missing(source, target)
     if still:
         raise DatasetNotFoundError(
@@ -285,7 +286,7 @@ def download(remote: RemoteFile, dest_dir: Path) -> Path:
             dest_dir.rmdir()  # leave no empty dataset dir behind a failed download
 
 
-download_file = download  # alias used inside this module where ``download`` is a parameter name
+_download = download  # for resolve_dataset_dir, whose ``download`` argument shadows the function
 
 
 def _safe_member(name: str, strip: str, archive: Path, kind: str) -> PurePosixPath | None:
@@ -407,6 +408,18 @@ def _swap_into_place(staging: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _sweep_stale(final: Path, max_age_s: float = 3600.0) -> None:
+    """Remove temp dirs of ``final`` left by crashed writers (older than ``max_age_s``)."""
+    now = time.time()
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for stale in final.parent.glob(pattern):
+            try:
+                if now - stale.stat().st_mtime > max_age_s:
+                    shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def cached_tables(
     name: str,
     sources: Sequence[Path],
@@ -454,6 +467,7 @@ def cached_tables(
         if not table or "/" in table or "\\" in table or table.startswith(".") or table == "manifest":
             raise ValueError(f"table names must be plain file stems, got {table!r}")
     final.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(final)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         meta = {}
