@@ -29,7 +29,6 @@ INTERACTION_SCHEMA: dict[str, pl.DataType] = {
     "timestamp": pl.Int64(),
     "split": pl.Utf8(),
 }
-MAP_SCHEMA_KEYS = ("raw_id",)
 
 
 @dataclass(frozen=True)
@@ -127,26 +126,22 @@ def id_map(raw: pl.Series, column: str) -> pl.DataFrame:
     )
 
 
-def interaction_frame(
-    df: pl.DataFrame, user_map: pl.DataFrame, item_map: pl.DataFrame
-) -> pl.DataFrame:
+def interaction_frame(df: pl.DataFrame, user_map: pl.DataFrame, item_map: pl.DataFrame) -> pl.DataFrame:
     """Map ``raw_user``/``raw_item`` to contiguous ids and give the canonical schema.
 
     ``df`` must hold ``raw_user`` and ``raw_item``; ``rating``, ``timestamp`` and ``split``
     are optional (null when missing). Row order is kept.
     """
-    out = (
-        df.join(
-            user_map.select(pl.col("raw").alias("raw_user"), "user"),
-            on="raw_user",
-            how="left",
-            maintain_order="left",
-        ).join(
-            item_map.select(pl.col("raw").alias("raw_item"), "item"),
-            on="raw_item",
-            how="left",
-            maintain_order="left",
-        )
+    out = df.join(
+        user_map.select(pl.col("raw").alias("raw_user"), "user"),
+        on="raw_user",
+        how="left",
+        maintain_order="left",
+    ).join(
+        item_map.select(pl.col("raw").alias("raw_item"), "item"),
+        on="raw_item",
+        how="left",
+        maintain_order="left",
     )
     cols = []
     for name, dtype in INTERACTION_SCHEMA.items():
@@ -226,13 +221,23 @@ def split_whitespace(lines: pl.DataFrame) -> pl.DataFrame:
 
 
 def parse_int(
-    df: pl.DataFrame, column: str, path: Path, what: str, lo: int | None = None, hi: int | None = None
+    df: pl.DataFrame,
+    column: str,
+    path: Path,
+    what: str,
+    lo: int | None = None,
+    hi: int | None = None,
+    nullable: bool = False,
 ) -> pl.DataFrame:
-    """Cast a string column to Int64, raising at the first value that is not an integer."""
+    """Cast a string column to Int64, raising at the first value that is not an integer.
+
+    With ``nullable``, null strings stay null (the caller maps its missing-value marker to null).
+    """
     raw = pl.col(column)
     parsed = raw.str.strip_chars().cast(pl.Int64, strict=False)
     df = df.with_columns(parsed.alias("_v"), raw.alias("_raw"))
-    _first_bad(df, pl.col("_v").is_null(), path, f"an integer {what}", pl.col("_raw"))
+    bad = pl.col("_v").is_null() & (pl.col("_raw").is_not_null() if nullable else pl.lit(True))
+    _first_bad(df, bad, path, f"an integer {what}", pl.col("_raw"))
     if lo is not None:
         _first_bad(df, pl.col("_v") < lo, path, f"{what} >= {lo}", pl.col("_raw"))
     if hi is not None:
@@ -249,7 +254,10 @@ def parse_float(
     df = df.with_columns(parsed.alias("_v"), raw.alias("_raw"))
     bounds = f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
     _first_bad(
-        df, pl.col("_v").is_null() | ~pl.col("_v").is_finite(), path, f"a finite number {what}{bounds}",
+        df,
+        pl.col("_v").is_null() | ~pl.col("_v").is_finite(),
+        path,
+        f"a finite number {what}{bounds}",
         pl.col("_raw"),
     )
     if lo is not None:
@@ -266,7 +274,9 @@ def check_unique(df: pl.DataFrame, keys: Sequence[str], path: Path, what: str) -
         row = dup.row(0, named=True)
         first = df.filter(pl.all_horizontal(pl.col(k) == row[k] for k in keys))[LINE].min()
         shown = ", ".join(f"{k}={row[k]}" for k in keys)
-        raise DataFormatError(path, row[LINE], f"one {what} per ({', '.join(keys)})", f"{shown} again (first on line {first})")
+        raise DataFormatError(
+            path, row[LINE], f"one {what} per ({', '.join(keys)})", f"{shown} again (first on line {first})"
+        )
 
 
 def read_matrix(path: Path, what: str, integer: bool) -> tuple[pl.DataFrame, int]:
@@ -282,7 +292,10 @@ def read_matrix(path: Path, what: str, integer: bool) -> tuple[pl.DataFrame, int
         raise DataFormatError(path, None, f"a matrix of {what}", "an empty file")
     width = tokens["_f"][0].len()
     _first_bad(
-        tokens, pl.col("_f").list.len() != width, path, f"{width} values per line (as on the first line)",
+        tokens,
+        pl.col("_f").list.len() != width,
+        path,
+        f"{width} values per line (as on the first line)",
         pl.col("_f").list.join(" "),
     )
     long = (
