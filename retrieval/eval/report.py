@@ -28,26 +28,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def _split_name(key: str) -> tuple[str, int] | None:
-    """``"ndcg@10"`` -> ``("ndcg", 10)``; None for keys without a cut-off."""
-    m = re.fullmatch(r"(.+)@(\d+)", key)
-    return (m.group(1), int(m.group(2))) if m else None
+def _column_key(name: str) -> tuple[str, int]:
+    """Sort key of a metric column: by name, then cut-off (``"mrr"`` sorts as cut-off 0)."""
+    m = re.fullmatch(r"(.+)@(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, 0)
 
 
 def metrics_table(metrics: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
-    """A Markdown table: one row per stage, one column per ``metric@k``.
+    """A Markdown table: one row per stage, one column per metric (``ndcg@10``, ``mrr``, ...).
 
     Args:
-        metrics: ``{stage: {"ndcg@10": 0.31, ...}}``; stage prefixes in keys are dropped.
+        metrics: ``{stage: {"val/ndcg@10": 0.31, ...}}``; stage prefixes in keys are dropped;
+            counts such as ``num_users`` are left out.
         digits: decimals shown.
     """
     columns: list[str] = []
     for values in metrics.values():
         for key in values:
             name = key.split("/")[-1]
-            if _split_name(name) and name not in columns:
+            if name not in columns and not name.startswith("num_"):
                 columns.append(name)
-    columns.sort(key=lambda c: (_split_name(c)[0], _split_name(c)[1]))
+    columns.sort(key=_column_key)
     lines = ["| stage | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for stage, values in metrics.items():
         flat = {k.split("/")[-1]: v for k, v in values.items()}
