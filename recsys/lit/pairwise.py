@@ -59,10 +59,10 @@ class PairwiseRecommender(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         dm = self.trainer.datamodule
-        per_user = self.evaluator.per_user(
-            self.net.score_all, batch["users"], dm.targets(stage), dm.exclude(stage), device=self.device
+        result = self.evaluator.per_user(
+            self.net.score_all, dm.targets(stage), dm.exclude(stage), device=self.device, users=batch["users"]
         )
-        for name, values in per_user.items():
+        for name, values in result.metrics.items():
             self._per_user[name].append(values.detach().cpu())
 
     def _eval_epoch_end(self, stage: str) -> None:

@@ -86,13 +86,18 @@ def topk_with_id_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
         vals, idx = vals[:, :k], idx[:, :k]  # (B, k)
         rows = straddle.nonzero().squeeze(1)  # (B',)
         if rows.numel():
-            block = scores[rows]  # (B', N)
-            t = kth[rows].unsqueeze(1)  # (B', 1)
-            above = block > t  # (B', N) all of these are certainly in the top k
-            tied = block == t  # (B', N)
-            need = k - above.sum(1, keepdim=True)  # (B', 1) tied slots to fill, lowest ids first
-            keep = above | (tied & (torch.cumsum(tied, dim=1) <= need))  # (B', N), exactly k per row
-            sel = keep.nonzero()[:, 1].view(-1, k)  # (B', k) row-major, so ids ascend per row
+            t = kth[rows]  # (B',) the tied value
+            block = scores if rows.numel() == B else scores[rows]  # (B', N)
+            # items above t are all among topk's first n_above slots (sorted desc); the remaining
+            # slots go to the tied items of lowest id: a second topk on -id over the tied ones
+            n_above = (vals[rows] > t.unsqueeze(1)).sum(1, keepdim=True)  # (B', 1)
+            neg_id = -torch.arange(N, device=scores.device, dtype=torch.int32)  # (N,)
+            not_tied = torch.iinfo(torch.int32).min
+            key = torch.where(block == t.unsqueeze(1), neg_id, not_tied)  # (B', N)
+            tied_ids = torch.topk(key, k, dim=1, sorted=True).indices  # (B', k) lowest ids first
+            pos = torch.arange(k, device=scores.device).unsqueeze(0)  # (1, k)
+            from_tied = torch.gather(tied_ids, 1, (pos - n_above).clamp(min=0))  # (B', k)
+            sel = torch.where(pos < n_above, idx[rows], from_tied)  # (B', k)
             idx[rows] = sel
             vals[rows] = torch.gather(block, 1, sel)
     vals, idx = _sort_by_score_then_id(vals, idx)  # (B, <=k)
@@ -156,12 +161,19 @@ def full_sort_topk(
     excl_on: dict[torch.device, ItemSets] = {}
     out_scores, out_items = [], []
     with torch.no_grad():
-        for start in tqdm(range(0, users.numel(), chunk_size), total=n_chunks, disable=disable,
-                          desc="full-sort top-k", unit="chunk"):
+        for start in tqdm(
+            range(0, users.numel(), chunk_size),
+            total=n_chunks,
+            disable=disable,
+            desc="full-sort top-k",
+            unit="chunk",
+        ):
             chunk = users[start : start + chunk_size]  # (B,)
             scores = score_fn(chunk)  # (B, N)
             if scores.dim() != 2 or scores.shape[0] != chunk.numel():
-                raise ValueError(f"score_fn must return ({chunk.numel()}, n_items), got {tuple(scores.shape)}")
+                raise ValueError(
+                    f"score_fn must return ({chunk.numel()}, n_items), got {tuple(scores.shape)}"
+                )
             if exclude is not None and scores.shape[1] != exclude.num_items:
                 raise ValueError(
                     f"score_fn returned {scores.shape[1]} items but exclude has {exclude.num_items}"

@@ -96,6 +96,7 @@ class TopKEvaluator:
         self.names = metric_names(self.metrics, self.compat)  # validates both
         self.chunk_size = int(chunk_size)
         self.progress = progress
+        self._warned = False  # the target/exclude overlap warning is logged once per evaluator
 
     def per_user(
         self,
@@ -103,8 +104,16 @@ class TopKEvaluator:
         targets: ItemSets,
         exclude: ItemSets | None,
         device: torch.device | str | None = None,
+        users: torch.Tensor | None = None,
     ) -> PerUserResult:
-        """Per-user metrics of every user with ``|T_u| > 0`` (see :class:`PerUserResult`)."""
+        """Per-user metrics of every user with ``|T_u| > 0`` (see :class:`PerUserResult`).
+
+        Args:
+            score_fn, targets, exclude, device: as for :meth:`__call__`.
+            users: (U,) int64 ids to evaluate, e.g. one batch of a Lightning eval loop; those with
+                ``|T_u| = 0`` are dropped, the rest keep their order. Default: every user with
+                ``|T_u| > 0``, ascending.
+        """
         if exclude is not None and (
             exclude.num_users != targets.num_users or exclude.num_items != targets.num_items
         ):
@@ -114,13 +123,25 @@ class TopKEvaluator:
             )
         targets = targets.to("cpu")
         n_true_all = targets.sizes()  # (num_users,)
-        users = torch.nonzero(n_true_all > 0).squeeze(1)  # (U,)
+        if users is None:
+            users = torch.nonzero(n_true_all > 0).squeeze(1)  # (U,)
+        else:
+            users = torch.as_tensor(users, dtype=torch.int64).reshape(-1).cpu()
+            users = users[n_true_all[users] > 0]  # (U,)
         if exclude is not None:
             exclude = exclude.to("cpu")
-            _warn_overlap(targets, exclude)
+            n = _overlap(users, targets, exclude)
+            if n and not self._warned:
+                log.warning("%d target (user, item) pairs are also excluded and can never be hit", n)
+                self._warned = True
         K = max(self.ks)
         _, items = full_sort_topk(
-            score_fn, users, K, exclude=exclude, chunk_size=self.chunk_size, device=device,
+            score_fn,
+            users,
+            K,
+            exclude=exclude,
+            chunk_size=self.chunk_size,
+            device=device,
             progress=self.progress,
         )  # (U, K)
         hits = hit_matrix(users, items, targets)  # (U, K)
@@ -134,6 +155,7 @@ class TopKEvaluator:
         exclude: ItemSets | None,
         prefix: str = "",
         device: torch.device | str | None = None,
+        users: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Evaluate and average over users with ``|T_u| > 0``.
 
@@ -144,22 +166,21 @@ class TopKEvaluator:
                 ``train.union(val)``), or ``None``.
             prefix: prepended to every key, e.g. ``"val/"``.
             device: where user ids are sent before ``score_fn``; default: leave them on CPU.
+            users: evaluate only these users (those with ``|T_u| = 0`` dropped); default: all.
 
         Returns:
             ``{prefix + "ndcg@10": float, ..., prefix + "num_users": float}``.
         """
-        res = self.per_user(score_fn, targets, exclude, device=device)
+        res = self.per_user(score_fn, targets, exclude, device=device, users=users)
         means = mean_over_users(res.metrics, torch.ones(res.users.numel(), dtype=torch.int64))
         out = {prefix + name: value for name, value in means.items()}
         out[prefix + "num_users"] = float(res.users.numel())
         return out
 
 
-def _warn_overlap(targets: ItemSets, exclude: ItemSets) -> None:
-    """Log a warning when target items are also excluded (they can never be hit)."""
+def _overlap(users: torch.Tensor, targets: ItemSets, exclude: ItemSets) -> int:
+    """How many of ``users``' target items are also excluded (they can never be hit)."""
     N = targets.num_items
-    t_keys = targets.row_ids() * N + targets.indices
-    e_keys = exclude.row_ids() * N + exclude.indices
-    n = int(torch.isin(t_keys, e_keys).sum())
-    if n:
-        log.warning("%d target (user, item) pairs are also excluded and can never be hit", n)
+    t_row, t_item = targets.rows(users)
+    e_row, e_item = exclude.rows(users)
+    return int(torch.isin(t_row * N + t_item, e_row * N + e_item).sum())

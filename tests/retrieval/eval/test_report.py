@@ -29,8 +29,6 @@ def test_write_report_writes_both_files(tmp_path: Path) -> None:
 def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "r.md"
     atomic_write_text(target, "old")
-
-
     with pytest.raises(TypeError):
         atomic_write_text(target, 123)  # type: ignore[arg-type]  # write() rejects a non-str
     assert target.read_text() == "old"
