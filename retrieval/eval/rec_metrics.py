@@ -37,7 +37,10 @@ Opt-in compatibility variants, each reported under its own name:
   the largest cutoff evaluated. Here :math:`h` is counted over all ``K`` columns of ``hits``, so pass
   a hit matrix as wide as that paper's ``max(Ks)``. Since :math:`h \le |T_u|`, this value is never
   below the standard NDCG, and equals it whenever all of :math:`T_u` (or at least ``K`` items of
-  it) is retrieved.
+  it) is retrieved. (Their other functions match ours: ``recall_at_k`` = hits@K / |T_u|,
+  ``precision_at_k`` = mean of ``r[:K]`` (the same for a full list), ``hit_at_k``; their
+  candidates are all items minus the *training* items only -- LLMRec does not mask validation
+  items at test time.)
 * ``recall_min_k`` -> ``"recall_mink@k"``: hits over :math:`\min(K, |T_u|)` instead of
   :math:`|T_u|`.
 """

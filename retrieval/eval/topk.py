@@ -12,20 +12,24 @@ Conventions (Sparrow's recommender evaluation, see ``STYLE.md``):
   a user with fewer than ``k`` candidates gets the tail padded with item id ``-1`` and score
   ``-inf``. NaN scores raise ``ValueError``.
 
-Memory is bounded by one ``(chunk_size, n_items)`` score block; the ``(users, items)`` matrix is
-never materialised.
+Memory is bounded by a few ``(chunk_size, n_items)`` blocks (the scores plus the selection's
+temporaries); the ``(users, items)`` matrix is never materialised.
 
-Tie-break implementation, measured on CPU (2 threads, 1024 x 40,981 random float32 block, k = 20;
-``benchmarks/full_sort.py --tie-break-only`` re-measures it):
+Tie-break implementation. Measured on this repo's 2-core CPU box (AMD EPYC, torch 2.13, 2 threads)
+on one 1024 x 40,981 float32 block, k = 20, best of 3 (``benchmarks/full_sort.py`` re-measures it
+and logs it in ``benchmarks/RESULTS.md``), random scores / integer scores 0..9 (ties at every cut):
 
-* ``torch.topk`` alone: ~41 ms, but the order among equal scores is unspecified;
-* a stable descending ``torch.sort`` of the whole row: ~1,900 ms (45x);
-* ``torch.topk`` on an int64 key packing (order-preserving float bits, reversed item id): ~560 ms;
-* what this module does: ``torch.topk(k + 1)``, then (i) sort the ``k`` winners by (score desc,
-  item id asc), and (ii) only for the rows where the ``(k+1)``-th score equals the ``k``-th (a tie
-  straddles the cut, so ``topk`` may have kept an arbitrary subset of the tied items) re-select the
-  tied items by lowest id with a masked cumulative count. Rows without boundary ties cost one extra
-  topk slot and a ``(B, k)`` sort: ~45 ms, essentially the price of ``torch.topk``.
+* ``torch.topk`` alone: 40 / 39 ms, but the order among equal scores is unspecified;
+* a stable descending ``torch.sort`` of the whole row: 1,946 / 1,039 ms;
+* ``torch.topk`` on int64 keys (order-preserving float bits << 32 | reversed item id): 621 / 541 ms;
+* what this module does, 43 / 209 ms: ``torch.topk(k + 1)``, then (i) sort the ``k`` winners by
+  (score desc, item id asc) -- a ``(B, k)`` sort; (ii) only for the rows where the ``(k+1)``-th
+  score equals the ``k``-th (a tie straddles the cut, so ``topk`` may have kept an arbitrary subset
+  of the tied items), keep the items above the tied value and fill the remaining slots with the
+  tied items of lowest id, found by a second ``topk`` over ``-id`` restricted to the tied items.
+  Rows without a boundary tie cost one extra topk slot; fully tied blocks cost about 5x topk.
+
+On an H200 all four take 1-3 ms per block.
 """
 
 from __future__ import annotations
