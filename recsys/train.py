@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.data.splitters import LeakageError
+from retrieval.data.errors import DataFormatError, DatasetNotFoundError
 from retrieval.eval.report import metrics_table, write_report
 
 log = logging.getLogger(__name__)
@@ -74,12 +77,16 @@ def _epoch_of(ckpt: str | None) -> int:
     """The epoch stored in a checkpoint file (-1 if none)."""
     if not ckpt:
         return -1
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("epoch", -1))
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except (DataFormatError, DatasetNotFoundError, LeakageError) as err:
+        log.error("%s", err)  # a clear one-line message, not a traceback from deep inside
+        sys.exit(2)
 
 
 if __name__ == "__main__":

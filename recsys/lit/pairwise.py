@@ -40,9 +40,11 @@ class PairwiseRecommender(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["net", "evaluator"])
+        # partials stay out of the checkpoint: it must load with torch.load(weights_only=True)
+        self.save_hyperparameters(logger=False, ignore=["net", "evaluator", "optimizer", "scheduler"])
         self.net = net
         self.evaluator = evaluator
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._per_user: dict[str, list[Tensor]] = defaultdict(list)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -85,7 +87,7 @@ class PairwiseRecommender(L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        optimizer = self.hparams.optimizer(params=self.parameters())
-        if self.hparams.scheduler is None:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.hparams.scheduler(optimizer=optimizer)}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer=optimizer)}

@@ -25,10 +25,10 @@ class BPRMF(nn.Module):
         num_users (int): number of users :math:`|U|`.
         num_items (int): number of items :math:`|I|`.
         embedding_dim (int, default 64): size :math:`d` of the latent vectors.
-        init_std (float, default 0.1): standard deviation of the normal initialisation.
+        init_std (float, default 0.01): standard deviation of the normal initialisation.
     """
 
-    def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64, init_std: float = 0.1):
+    def __init__(self, num_users: int, num_items: int, embedding_dim: int = 64, init_std: float = 0.01):
         super().__init__()
         self.num_users = num_users
         self.num_items = num_items

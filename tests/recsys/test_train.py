@@ -51,3 +51,19 @@ def test_bpr_ml100k_is_reproducible_to_the_last_digit(shared_data: Path, tmp_pat
     assert first == second
     third = run(_compose(tmp_path / "c", overrides + ["seed=7"]))
     assert third["test"]["test/ndcg@10"] != first["test"]["test/ndcg@10"]
+
+
+def test_missing_dataset_is_a_one_line_error_with_exit_code_2(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SPARROW_DATA_DIR": str(tmp_path / "nowhere"), "SPARROW_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys.train", "+experiment=bpr_ml100k", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert "dataset 'movielens-100k' not found" in out and "datasets/movielens-100k/README.md" in out
+    assert "Traceback" not in out
