@@ -1,7 +1,7 @@
 """Train a recommender, select it on validation, test it once, write the report.
 
-    python -m recsys.train +experiment=bpr_ml100k
-    python -m recsys.train +experiment=bpr_ml100k trainer.max_epochs=5 model.net.embedding_dim=32
+python -m recsys.train +experiment=bpr_ml100k
+python -m recsys.train +experiment=bpr_ml100k trainer.max_epochs=5 model.net.embedding_dim=32
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def protocol_of(cfg: DictConfig) -> dict[str, object]:
         "metrics": "binary relevance; DCG = sum rel/log2(rank+1); IDCG over min(K, |T_u|); "
         "Recall = hits/|T_u|; users with |T_u| > 0; ties by item id",
         "compatibility modes": compat or "none",
-        "model selection": f"best {cfg.callbacks.model_checkpoint.monitor} on validation; test evaluated once",
+        "model selection": f"best {cfg.callbacks.model_checkpoint.monitor} on validation; test once",
         "seed": cfg.seed,
     }
 

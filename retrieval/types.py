@@ -128,8 +128,11 @@ def _add_judgement(
     docs = data.setdefault(qid, {})
     if docid in docs:
         raise _format_error(
-            path, lineno, "one judgement per (query, doc) pair",
-            f"({qid}, {docid}) again, first judged on line {_first_line(path, qid, docid, doc_field)}")
+            path,
+            lineno,
+            "one judgement per (query, doc) pair",
+            f"({qid}, {docid}) again, first judged on line {_first_line(path, qid, docid, doc_field)}",
+        )
     docs[docid] = int(label)
 
 
@@ -276,7 +279,8 @@ class Run(_NestedMapping):
             fields = line.split()
             if len(fields) != 6:
                 raise _format_error(
-                    path, lineno, "6 whitespace-separated fields 'qid Q0 docid rank score tag'", line)
+                    path, lineno, "6 whitespace-separated fields 'qid Q0 docid rank score tag'", line
+                )
             qid, _, docid, rank, score, tag = fields
             if not _INT.fullmatch(rank):
                 raise _format_error(path, lineno, "an integer rank in field 4", rank)
@@ -289,8 +293,11 @@ class Run(_NestedMapping):
             docs = data.setdefault(qid, {})
             if docid in docs:
                 raise _format_error(
-                    path, lineno, "each doc at most once per query",
-                    f"({qid}, {docid}) again, first on line {_first_line(path, qid, docid, 2)}")
+                    path,
+                    lineno,
+                    "each doc at most once per query",
+                    f"({qid}, {docid}) again, first on line {_first_line(path, qid, docid, 2)}",
+                )
             docs[docid] = value
         return cls(data, name=tag if name is None else name)
 
@@ -336,9 +343,7 @@ class ItemSets:
         return self.indptr[1:] - self.indptr[:-1]
 
     @classmethod
-    def from_pairs(
-        cls, users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int
-    ) -> ItemSets:
+    def from_pairs(cls, users: torch.Tensor, items: torch.Tensor, num_users: int, num_items: int) -> ItemSets:
         """Build from parallel (user, item) id tensors; duplicates are dropped."""
         users = torch.as_tensor(users, dtype=torch.int64)
         items = torch.as_tensor(items, dtype=torch.int64)
@@ -355,7 +360,9 @@ class ItemSets:
 
     @classmethod
     def empty(cls, num_users: int, num_items: int) -> ItemSets:
-        return cls(torch.zeros(num_users + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), num_items)
+        return cls(
+            torch.zeros(num_users + 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), num_items
+        )
 
     def union(self, other: ItemSets) -> ItemSets:
         """Per-user union of two sets over the same users and items."""

@@ -116,7 +116,11 @@ class InteractionDataModule(L.LightningDataModule):
         self.test_sets = item_sets(self.split.test, num_users, num_items)
         log.info(
             "%s: %d users, %d items; train/val/test = %d/%d/%d interactions",
-            self.dataset, num_users, num_items, self.split.train.height, self.split.val.height,
+            self.dataset,
+            num_users,
+            num_items,
+            self.split.train.height,
+            self.split.val.height,
             self.split.test.height,
         )
 

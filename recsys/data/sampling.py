@@ -11,7 +11,9 @@ from torch.utils.data import IterableDataset
 from retrieval.types import ItemSets
 
 
-def sample_negatives(users: Tensor, positives: ItemSets, num_negatives: int, generator: torch.Generator) -> Tensor:
+def sample_negatives(
+    users: Tensor, positives: ItemSets, num_negatives: int, generator: torch.Generator
+) -> Tensor:
     """Uniform negatives: for each user, items outside the user's positive set.
 
     Exact and rejection-free: draw a rank ``r`` uniformly in ``[0, I - |P_u|)`` and map it
@@ -36,7 +38,9 @@ def sample_negatives(users: Tensor, positives: ItemSets, num_negatives: int, gen
             f"user {bad} has every one of the {n_items} items as a positive, so no negative exists; "
             "filter such users before pairwise training"
         )
-    local = torch.arange(positives.indices.numel()) - positives.indptr[:-1].repeat_interleave(positives.sizes())
+    local = torch.arange(positives.indices.numel()) - positives.indptr[:-1].repeat_interleave(
+        positives.sizes()
+    )
     keys = positives.row_ids() * n_items + (positives.indices - local)  # (nnz,) sorted
     ranks = (torch.rand((users.numel(), num_negatives), generator=generator) * free.unsqueeze(1)).long()
     ranks = torch.minimum(ranks, free.unsqueeze(1) - 1)  # (N, n) guard against rounding up to `free`

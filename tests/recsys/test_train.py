@@ -61,7 +61,10 @@ def test_missing_dataset_is_a_one_line_error_with_exit_code_2(tmp_path: Path) ->
     env = {**os.environ, "SPARROW_DATA_DIR": str(tmp_path / "nowhere"), "SPARROW_CACHE_DIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "recsys.train", "+experiment=bpr_ml100k", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     out = proc.stdout + proc.stderr

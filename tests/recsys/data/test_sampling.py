@@ -47,7 +47,9 @@ def test_pairwise_batches_cover_the_epoch_and_depend_only_on_seed_and_epoch() ->
     sets = _sets()
     users, items = sets.row_ids(), sets.indices
     epoch = {"e": 0}
-    ds = PairwiseBatches(users, items, sets, batch_size=64, num_negatives=2, seed=7, epoch_fn=lambda: epoch["e"])
+    ds = PairwiseBatches(
+        users, items, sets, batch_size=64, num_negatives=2, seed=7, epoch_fn=lambda: epoch["e"]
+    )
     first = list(ds)
     assert len(first) == len(ds)
     seen = torch.cat([b["users"] * 1000 + b["pos"] for b in first]).sort().values

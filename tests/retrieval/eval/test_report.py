@@ -8,8 +8,10 @@ from retrieval.eval.report import atomic_write_text, metrics_table, write_report
 
 def test_metrics_table_orders_columns_and_drops_prefixes() -> None:
     table = metrics_table(
-        {"val": {"val/recall@20": 0.5, "val/ndcg@10": 0.25, "val/mrr": 0.125, "val/num_users": 9.0},
-         "test": {"test/ndcg@20": 0.3, "test/ndcg@10": 0.2}}
+        {
+            "val": {"val/recall@20": 0.5, "val/ndcg@10": 0.25, "val/mrr": 0.125, "val/num_users": 9.0},
+            "test": {"test/ndcg@20": 0.3, "test/ndcg@10": 0.2},
+        }
     )
     lines = table.splitlines()
     assert lines[0] == "| stage | mrr | ndcg@10 | ndcg@20 | recall@20 |"
