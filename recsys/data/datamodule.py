@@ -71,6 +71,8 @@ class InteractionDataModule(L.LightningDataModule):
         batch_size: training triples per batch.
         eval_batch_size: users per evaluation batch.
         num_negatives: negatives per positive.
+        positive_draw: ``each_interaction`` (every training pair once per epoch) or
+            ``uniform_users`` (LightGCN's released sampling), see :mod:`recsys.data.sampling`.
         seed: base seed of the per-epoch shuffling and negative sampling.
     """
 
@@ -86,6 +88,7 @@ class InteractionDataModule(L.LightningDataModule):
         batch_size: int = 2048,
         eval_batch_size: int = 1024,
         num_negatives: int = 1,
+        positive_draw: str = "each_interaction",
         seed: int = 2020,
     ):
         super().__init__()
@@ -93,7 +96,7 @@ class InteractionDataModule(L.LightningDataModule):
         self.expected_users, self.expected_items = num_users, num_items
         self.root, self.download = root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_negatives, self.seed = num_negatives, seed
+        self.num_negatives, self.positive_draw, self.seed = num_negatives, positive_draw, seed
         self.split: Split | None = None
         self.num_users = self.num_items = 0
 
@@ -114,6 +117,7 @@ class InteractionDataModule(L.LightningDataModule):
         self.train_sets = item_sets(self.split.train, num_users, num_items)
         self.val_sets = item_sets(self.split.val, num_users, num_items)
         self.test_sets = item_sets(self.split.test, num_users, num_items)
+        self._exclude = {"val": self.train_sets, "test": self.train_sets.union(self.val_sets)}
         log.info(
             "%s: %d users, %d items; train/val/test = %d/%d/%d interactions",
             self.dataset,
@@ -137,17 +141,31 @@ class InteractionDataModule(L.LightningDataModule):
 
     def exclude(self, stage: str) -> ItemSets:
         """Items never ranked at ``stage``: training items, plus validation items at test."""
-        return self.train_sets if stage == "val" else self.train_sets.union(self.val_sets)
+        return self._exclude[stage]
+
+    def train_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items): (E,) int64 each, the training interactions (e.g. a graph's edges)."""
+        tr = self.split.train
+        users = torch.from_numpy(tr["user"].to_numpy().astype("int64"))
+        return users, torch.from_numpy(tr["item"].to_numpy().astype("int64"))
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        tr = self.split.train
-        users = torch.from_numpy(tr["user"].to_numpy().astype("int64"))
-        items = torch.from_numpy(tr["item"].to_numpy().astype("int64"))
+        """Triples built on the training device (GPU when training there): no host round trip."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        users, items = self.train_pairs()
         batches = PairwiseBatches(
-            users, items, self.train_sets, self.batch_size, self.num_negatives, self.seed, self._epoch
+            users,
+            items,
+            self.train_sets,
+            self.batch_size,
+            self.num_negatives,
+            self.seed,
+            self._epoch,
+            device,
+            self.positive_draw,
         )
         return DataLoader(batches, batch_size=None)
 

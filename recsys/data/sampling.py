@@ -11,42 +11,88 @@ from torch.utils.data import IterableDataset
 from retrieval.types import ItemSets
 
 
-def sample_negatives(
-    users: Tensor, positives: ItemSets, num_negatives: int, generator: torch.Generator
-) -> Tensor:
+class NegativeSampler:
     """Uniform negatives: for each user, items outside the user's positive set.
 
     Exact and rejection-free: draw a rank ``r`` uniformly in ``[0, I - |P_u|)`` and map it
     to the ``r``-th item not in ``P_u``. With ``P_u = {p_0 < p_1 < ...}``, the number of
     non-positives before ``p_k`` is ``p_k - k``, so the ``r``-th non-positive is ``r + j``
-    where ``j = #{k : p_k - k <= r}`` (a binary search in the user's CSR row).
+    where ``j = #{k : p_k - k <= r}`` (one binary search over all CSR rows at once).
+    Runs on the device of ``positives``: no Python loop, no host round trip.
 
     Args:
-        users: (N,) int64 user ids.
-        positives: the users' positive item sets (CSR, sorted rows).
-        num_negatives: negatives per row.
-        generator: seeded CPU generator.
+        positives: every user's positive items (CSR, sorted rows).
+    """
+
+    def __init__(self, positives: ItemSets):
+        self.num_items = n_items = positives.num_items
+        self.indptr = positives.indptr
+        self.free = n_items - positives.sizes()  # (U,) non-positives per user
+        row = positives.row_ids().to(self.indptr.device)  # (nnz,)
+        local = torch.arange(row.numel(), device=row.device) - self.indptr[row]  # (nnz,) rank in row
+        self.keys = row * n_items + (positives.indices - local)  # (nnz,) sorted
+
+    def sample(self, users: Tensor, num_negatives: int, generator: torch.Generator) -> Tensor:
+        """Negatives for each of ``users``.
+
+        Args:
+            users: (N,) int64 user ids, on the sampler's device.
+            num_negatives: negatives per row.
+            generator: seeded generator on the same device.
+
+        Returns:
+            (N, num_negatives) int64 item ids, none of them in the user's positive set.
+        """
+        free = self.free[users]  # (N,)
+        if users.numel() and int(free.min()) <= 0:
+            bad = int(users[free <= 0][0])
+            raise ValueError(
+                f"user {bad} has every one of the {self.num_items} items as a positive, so no negative "
+                "exists; filter such users before pairwise training"
+            )
+        shape = (users.numel(), num_negatives)
+        u = torch.rand(shape, generator=generator, device=users.device)  # (N, n)
+        ranks = torch.minimum((u * free.unsqueeze(1)).long(), free.unsqueeze(1) - 1)  # (N, n)
+        query = users.unsqueeze(1) * self.num_items + ranks  # (N, n)
+        before = torch.searchsorted(self.keys, query, right=True) - self.indptr[users].unsqueeze(1)
+        return ranks + before  # (N, n)
+
+
+def each_interaction(
+    users: Tensor, items: Tensor, positives: ItemSets, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Every training interaction once per epoch, in a random order (RecBole's sampling).
 
     Returns:
-        (N, num_negatives) int64 item ids, none of them in the user's positive set.
+        (users, items): (N,) each, a permutation of the input pairs.
     """
-    n_items = positives.num_items
-    free = n_items - positives.sizes()[users]  # (N,)
-    if users.numel() and int(free.min()) <= 0:
-        bad = int(users[free <= 0][0])
-        raise ValueError(
-            f"user {bad} has every one of the {n_items} items as a positive, so no negative exists; "
-            "filter such users before pairwise training"
-        )
-    local = torch.arange(positives.indices.numel()) - positives.indptr[:-1].repeat_interleave(
-        positives.sizes()
-    )
-    keys = positives.row_ids() * n_items + (positives.indices - local)  # (nnz,) sorted
-    ranks = (torch.rand((users.numel(), num_negatives), generator=generator) * free.unsqueeze(1)).long()
-    ranks = torch.minimum(ranks, free.unsqueeze(1) - 1)  # (N, n) guard against rounding up to `free`
-    query = users.unsqueeze(1) * n_items + ranks  # (N, n)
-    before = torch.searchsorted(keys, query, right=True) - positives.indptr[users].unsqueeze(1)  # (N, n)
-    return ranks + before
+    order = torch.randperm(users.numel(), generator=generator, device=users.device)
+    return users[order], items[order]
+
+
+def uniform_users(
+    users: Tensor, items: Tensor, positives: ItemSets, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """N draws of (a uniform user with positives, a uniform positive of that user).
+
+    This is the sampling of LightGCN's released code (``UniformSample_original``): an epoch
+    has as many draws as training interactions, but every user is equally likely, whatever
+    their degree.
+
+    Returns:
+        (users, items): (N,) each.
+    """
+    sizes = positives.sizes()  # (U,)
+    active = torch.nonzero(sizes > 0).squeeze(1)  # (U',)
+    n = users.numel()
+    pick = torch.randint(active.numel(), (n,), generator=generator, device=users.device)
+    drawn = active[pick]  # (N,)
+    offset = (torch.rand(n, generator=generator, device=users.device) * sizes[drawn]).long()
+    offset = torch.minimum(offset, sizes[drawn] - 1)  # guard against rounding up
+    return drawn, positives.indices[positives.indptr[drawn] + offset]
+
+
+POSITIVE_DRAWS = {"each_interaction": each_interaction, "uniform_users": uniform_users}
 
 
 class PairwiseBatches(IterableDataset):
@@ -54,7 +100,7 @@ class PairwiseBatches(IterableDataset):
 
     The permutation and the negatives of epoch ``e`` come from a generator seeded with
     ``seed + e``, so a run resumed at epoch ``e`` sees exactly the batches an
-    uninterrupted run would.
+    uninterrupted run would (on the same device type). Everything stays on ``device``.
 
     Args:
         users: (N,) int64 user of each training interaction.
@@ -64,6 +110,9 @@ class PairwiseBatches(IterableDataset):
         num_negatives: negatives per triple.
         seed: base seed.
         epoch_fn: returns the current epoch (the trainer's counter).
+        device: where the triples are built and yielded.
+        positive_draw: how an epoch's (user, positive) pairs are drawn, a key of
+            :data:`POSITIVE_DRAWS`: ``each_interaction`` (default) or ``uniform_users``.
     """
 
     def __init__(
@@ -75,9 +124,17 @@ class PairwiseBatches(IterableDataset):
         num_negatives: int,
         seed: int,
         epoch_fn: Callable[[], int],
+        device: torch.device | str = "cpu",
+        positive_draw: str = "each_interaction",
     ):
         super().__init__()
-        self.users, self.items, self.positives = users, items, positives
+        if positive_draw not in POSITIVE_DRAWS:
+            raise ValueError(f"positive_draw must be one of {sorted(POSITIVE_DRAWS)}, got {positive_draw!r}")
+        self.draw = POSITIVE_DRAWS[positive_draw]
+        self.device = torch.device(device)
+        self.users, self.items = users.to(self.device), items.to(self.device)
+        self.positives = positives.to(self.device)
+        self.sampler = NegativeSampler(self.positives)
         self.batch_size, self.num_negatives, self.seed = batch_size, num_negatives, seed
         self.epoch_fn = epoch_fn
 
@@ -85,10 +142,9 @@ class PairwiseBatches(IterableDataset):
         return -(-self.users.numel() // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch_fn())
-        order = torch.randperm(self.users.numel(), generator=gen)
-        users, items = self.users[order], self.items[order]
-        negatives = sample_negatives(users, self.positives, self.num_negatives, gen)  # (N, n)
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch_fn())
+        users, items = self.draw(self.users, self.items, self.positives, gen)  # (N,), (N,)
+        negatives = self.sampler.sample(users, self.num_negatives, gen)  # (N, n)
         for start in range(0, users.numel(), self.batch_size):
             end = start + self.batch_size
             yield {"users": users[start:end], "pos": items[start:end], "neg": negatives[start:end]}

@@ -47,9 +47,13 @@ class Split:
         train: (pl.DataFrame) training interactions (``user``, ``item``, ...).
         val: (pl.DataFrame) validation interactions, for model selection.
         test: (pl.DataFrame) test interactions, evaluated once.
+        no_validation: (bool) the protocol has no validation data on purpose (e.g. reproducing
+            a paper that had none, reported at a fixed epoch budget); ``val`` must then be
+            empty. Default False: every part must be non-empty.
 
     Raises:
-        ValueError: a part is empty or lacks ``user``/``item`` columns.
+        ValueError: a part is empty (``val`` only when ``no_validation``), ``val`` is not empty
+            though ``no_validation`` is set, or a part lacks ``user``/``item`` columns.
         LeakageError: two parts share (user, item) pairs; the message gives the count and
             the smallest shared pair.
     """
@@ -57,14 +61,17 @@ class Split:
     train: pl.DataFrame
     val: pl.DataFrame
     test: pl.DataFrame
+    no_validation: bool = False
 
     def __post_init__(self) -> None:
+        if self.no_validation and self.val.height:
+            raise ValueError(f"Split.no_validation is set but val has {self.val.height} rows")
         for part in _PARTS:
             df = getattr(self, part)
             missing = [c for c in _KEYS if c not in df.columns]
             if missing:
                 raise ValueError(f"Split.{part} lacks columns {missing}; has {df.columns}")
-            if df.height == 0:
+            if df.height == 0 and not (part == "val" and self.no_validation):
                 raise ValueError(
                     f"Split.{part} is empty (train/val/test = {self.train.height}/{self.val.height}/"
                     f"{self.test.height}); use larger ratios or a dataset with more interactions per user"
@@ -239,12 +246,14 @@ def predefined_split(
     Validation takes ``floor(val_ratio * n)`` of each user's ``n`` training interactions
     (one if that is 0 and the user has at least two), chosen at random with ``seed``; the
     RO rule of the module docstring with ratios ``(1 - val_ratio, val_ratio, 0)``. Test rows
-    are kept exactly as shipped.
+    are kept exactly as shipped. ``val_ratio=0`` keeps the whole shipped train for training
+    and returns a split with ``no_validation`` set (for reproducing papers that had no
+    validation data; such results must be reported at a fixed epoch budget).
 
     Args:
         df: (pl.DataFrame) interactions whose ``split`` column is ``"train"`` or ``"test"``.
         val_ratio: (float) share of each user's training interactions used for
-            validation, in (0, 1). Default 0.1.
+            validation, in [0, 1). Default 0.1.
         seed: (int) seed of the validation draw. Default 2020.
         overlap: (str) what to do with (user, item) pairs that are both in the shipped train
             and test (Coat has 366: a coat a user chose and was also shown at random):
@@ -255,8 +264,8 @@ def predefined_split(
         ValueError: no ``split`` column, a value other than train/test, or a bad argument.
         LeakageError: shipped train and test overlap and ``overlap="error"``.
     """
-    if not 0 < val_ratio < 1:
-        raise ValueError(f"val_ratio must be in (0, 1), got {val_ratio}")
+    if not 0 <= val_ratio < 1:
+        raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
     if overlap not in ("error", "drop_train"):
         raise ValueError(f"overlap must be 'error' or 'drop_train', got {overlap!r}")
     if "split" not in df.columns or df["split"].null_count() == df.height:
@@ -282,6 +291,9 @@ def predefined_split(
             )
         train = train.join(shared, on=_KEYS, how="anti", maintain_order="left")
         log.warning("predefined_split: dropped %d train rows whose pair is also in test", shared.height)
+    if val_ratio == 0:
+        log.warning("predefined_split: no validation data; report results at a fixed epoch budget")
+        return Split(train, train.clear(), test, no_validation=True)
     parts = _user_parts(train, [1.0 - val_ratio, val_ratio, 0.0], seed)
     return Split(
         parts.filter(pl.col("_part") == 0).drop("_part"),

@@ -205,3 +205,16 @@ def test_predefined_split_needs_split_column() -> None:
         predefined_split(_toy().with_columns(pl.lit(None, dtype=pl.Utf8).alias("split")))
     with pytest.raises(ValueError, match="'train' or 'test'"):
         predefined_split(_toy().with_columns(pl.lit("valid").alias("split")))
+
+
+def test_predefined_split_without_validation_keeps_all_shipped_train() -> None:
+    df = pl.DataFrame({"user": [0, 0, 1, 1, 0], "item": [0, 1, 2, 3, 4], "split": ["train"] * 4 + ["test"]})
+    split = predefined_split(df, val_ratio=0.0)
+    assert split.no_validation and split.val.height == 0
+    assert split.train.height == 4 and split.test.height == 1
+
+
+def test_split_refuses_validation_rows_when_marked_without_validation() -> None:
+    df = pl.DataFrame({"user": [0, 1, 2], "item": [0, 1, 2]})
+    with pytest.raises(ValueError, match="no_validation is set but val has 1 rows"):
+        Split(df.slice(0, 1), df.slice(1, 1), df.slice(2, 1), no_validation=True)
