@@ -72,7 +72,7 @@ def anchor(data: dict, epochs: int, device: torch.device) -> dict[str, float]:
     from retrieval.eval.topk_evaluator import TopKEvaluator
     from retrieval.types import ItemSets
 
-    U, I = data["num_users"], data["num_items"]
+    U, I = data["num_users"], data["num_items"]  # noqa: E741
     tu, ti = data["train_users"].to(device), data["train_items"].to(device)
     train_edges = torch.stack([tu, ti + U])  # (2, E) user -> item node
     edge_index = torch.cat([train_edges, train_edges.flip(0)], 1)  # (2, 2E) undirected
@@ -132,7 +132,7 @@ def sparrow(
     from retrieval.eval.topk_evaluator import TopKEvaluator
     from retrieval.types import ItemSets
 
-    U, I = data["num_users"], data["num_items"]
+    U, I = data["num_users"], data["num_items"]  # noqa: E741
     train_sets = ItemSets.from_pairs(data["train_users"], data["train_items"], U, I)
     test_sets = ItemSets.from_pairs(data["test_users"], data["test_items"], U, I)
 
@@ -285,12 +285,12 @@ def gpu_main(args: argparse.Namespace) -> str:
             f"- machine: {machine()}",
             f"- command: `python benchmarks/lightgcn_speed.py gpu --data gowalla.pt --anchor-epochs "
             f"{args.anchor_epochs} --max-epochs {args.max_epochs} --budget-s {args.budget_s:.0f}`",
-            "- Gowalla (LightGCN split), d = 64, 3 layers, Adam 1e-3, batch 2048, L2 1e-4; anchor epoch time is "
-            f"the median of {args.anchor_epochs} epochs, Sparrow's the median over all but its first epoch",
+            "- Gowalla (LightGCN split), d = 64, 3 layers, Adam 1e-3, batch 2048, L2 1e-4",
+            f"- anchor epoch time: median of {args.anchor_epochs} epochs; Sparrow's: median of all but the first",
             "",
             *table,
             "",
-            "Sparrow's test metrics during training (for the time-to-target only; nothing is selected on them):",
+            "Sparrow's test metrics while training (only for the time to target; nothing is selected on them):",
             "",
             *curve_lines,
             "",

@@ -2,13 +2,21 @@
 
 python -m recsys.train +experiment=bpr_ml100k
 python -m recsys.train +experiment=bpr_ml100k trainer.max_epochs=5 model.net.embedding_dim=32
+python -m recsys.train +experiment=bpr_ml100k ckpt_path=last   # resume the newest run of the task
+
+``ckpt_path=last`` means the newest ``<paths.runs_dir>/*/checkpoints/last.ckpt`` (by
+modification time; ``paths.runs_dir`` is ``outputs/<task_name>``), not Lightning's
+"last of this run". A resumed run writes into its own new run folder; its report covers
+every epoch since the first run (the history travels in the checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -17,11 +25,60 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from recsys import checkpoint
+from recsys.checkpoint import CheckpointError, RunInfo
 from recsys.data.splitters import LeakageError
 from retrieval.data.errors import DataFormatError, DatasetNotFoundError
+from retrieval.eval.plots import write_figures
 from retrieval.eval.report import metrics_table, write_report
 
 log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ConfigError(ValueError):
+    """A config value or command-line override that cannot work."""
+
+
+# errors of the user's input: one line on the log and exit code 2, no traceback
+USER_ERRORS = (DataFormatError, DatasetNotFoundError, LeakageError, CheckpointError, ConfigError)
+
+
+def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
+    """Refuse a config-group override (``+experiment=NAME``, ``model=NAME``) naming no file.
+
+    Raises:
+        ConfigError: naming the group, the value and the available options.
+    """
+    for arg in args:
+        m = re.fullmatch(r"\+{0,2}([A-Za-z_][\w/]*)=(.*)", arg)
+        if not m or not (conf_dir / m.group(1)).is_dir() or "(" in m.group(2):
+            continue
+        group, values = m.groups()
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        for value in values.split(","):
+            if value not in options and value != "null":
+                raise ConfigError(f"unknown {group} '{value}' in {arg}; available: {', '.join(options)}")
+
+
+def check_model_config(cfg: DictConfig) -> None:
+    """Every ``model`` field named ``*_dim`` or ``num_*`` must be a positive integer.
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            value, name = node[key], f"{prefix}.{key}"
+            if isinstance(value, DictConfig):
+                walk(value, name)
+            elif str(key).endswith("_dim") or str(key).startswith("num_"):
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    walk(cfg.model, "model")
 
 
 def protocol_of(cfg: DictConfig) -> dict[str, object]:
@@ -37,37 +94,70 @@ def protocol_of(cfg: DictConfig) -> dict[str, object]:
         "metrics": "binary relevance; DCG = sum rel/log2(rank+1); IDCG over min(K, |T_u|); "
         "Recall = hits/|T_u|; users with |T_u| > 0; ties by item id",
         "compatibility modes": compat or "none",
-        "model selection": f"best {cfg.callbacks.model_checkpoint.monitor} on validation; test once",
+        "model selection": _selection_rule(cfg.callbacks.model_checkpoint.monitor),
         "seed": cfg.seed,
     }
 
 
+def _selection_rule(monitor: str | None) -> str:
+    if monitor is None:
+        return "none (fixed budget): the last checkpoint is tested, once"
+    return f"best {monitor} on validation; test once"
+
+
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Fit, select on validation, test once; return ``{"val": ..., "test": ...}`` metrics."""
+    check_model_config(cfg)
+    ckpt_path = checkpoint.resolve(cfg.ckpt_path, cfg.paths.runs_dir)
+    if ckpt_path is not None:
+        checkpoint.check_compatible(ckpt_path, cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, evaluator=instantiate(cfg.evaluator))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    run_info = RunInfo(OmegaConf.to_container(cfg, resolve=True))
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [run_info]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
 
     timings: dict[str, float] = {}
     if cfg.train:
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         timings["fit"] = time.perf_counter() - start
+    # read before validate/test: loading the selected checkpoint restores its (shorter) history
+    history, resumed_from = dict(run_info.history), list(run_info.resumed_from)
+    if not cfg.train and ckpt_path is not None:
+        history = checkpoint.load_info(ckpt_path)["history"]
     metrics: dict[str, dict[str, float]] = {}
+    ckpt = None
     if cfg.test:
-        ckpt = trainer.checkpoint_callback.best_model_path if cfg.train else cfg.ckpt_path
+        ckpt = trainer.checkpoint_callback.best_model_path if cfg.train else ckpt_path
         log.info("selected checkpoint: %s", ckpt)
         start = time.perf_counter()
-        metrics["val"] = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
+        val = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        metrics |= {"val": val[0]} if val else {}  # no validation data: nothing to report
         metrics["test"] = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
         timings["evaluate"] = time.perf_counter() - start
-    protocol = protocol_of(cfg) | {"selected epoch (0-based)": _epoch_of(ckpt) if cfg.test else "n/a"}
+    selected = _epoch_of(ckpt) if cfg.test else -1
+    protocol = protocol_of(cfg) | {
+        "selected epoch (0-based)": selected if cfg.test else "n/a",
+        "selected checkpoint": ckpt or "n/a",
+        "resumed from": ", ".join(resumed_from) or "no (a fresh run)",
+    }
 
     title = cfg.get("experiment_name") or cfg.task_name
-    report = write_report(out_dir, title, metrics, protocol, timings, OmegaConf.to_yaml(cfg, resolve=True))
+    monitor = cfg.callbacks.model_checkpoint.monitor
+    figures = write_figures(out_dir, history, metrics, val_key=monitor, selected=selected)
+    report = write_report(
+        out_dir,
+        title,
+        metrics,
+        protocol,
+        timings,
+        OmegaConf.to_yaml(cfg, resolve=True),
+        figures=figures,
+        extra={"history": history},
+    )
     log.info("results (%s):\n%s", title, metrics_table(metrics))
     log.info("report written to %s", report)
     return metrics
@@ -80,13 +170,29 @@ def _epoch_of(ckpt: str | None) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1))
 
 
+def fail(err: Exception) -> None:
+    """Log ``err`` as one line and exit with code 2 (bad input, not a crash)."""
+    if not logging.getLogger().handlers:  # before Hydra has configured logging
+        logging.basicConfig(format="[%(name)s][%(levelname)s] - %(message)s")
+    log.error("%s", err)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     try:
         run(cfg)
-    except (DataFormatError, DatasetNotFoundError, LeakageError) as err:
-        log.error("%s", err)  # a clear one-line message, not a traceback from deep inside
-        sys.exit(2)
+    except USER_ERRORS as err:
+        fail(err)
+
+
+def main() -> None:
+    """``python -m recsys.train [overrides]``; unknown config-group options fail before Hydra starts."""
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        fail(err)
+    _main()
 
 
 if __name__ == "__main__":

@@ -374,7 +374,7 @@ class ItemSets:
 
     def row_ids(self) -> torch.Tensor:
         """(nnz,) int64: the user of each stored item."""
-        return torch.repeat_interleave(torch.arange(self.num_users), self.sizes())
+        return torch.repeat_interleave(torch.arange(self.num_users, device=self.indptr.device), self.sizes())
 
     def rows(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sets of a batch of users as COO pairs.

@@ -47,17 +47,35 @@ class PairwiseRecommender(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._per_user: dict[str, list[Tensor]] = defaultdict(list)
 
+    def setup(self, stage: str) -> None:
+        """Hand graph models their training graph (nets that define ``set_graph``)."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if hasattr(self.net, "set_graph") and dm is not None:
+            self.net.set_graph(*dm.train_pairs())
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         users, pos, neg = batch["users"], batch["pos"], batch["neg"]  # (B,), (B,), (B, n)
-        pos_scores = self.net(users, pos)  # (B,)
-        neg_scores = self.net(users.unsqueeze(1).expand_as(neg), neg)  # (B, n)
-        rank_loss = bpr_loss(pos_scores.unsqueeze(1).expand_as(neg_scores), neg_scores)
-        u_emb, i_emb = self.net.ego_embeddings(users, torch.cat([pos.unsqueeze(1), neg], 1))
+        items = torch.cat([pos.unsqueeze(1), neg], 1)  # (B, 1 + n)
+        scores = self.net(users, items)  # (B, 1 + n): one forward (one propagation for graph models)
+        rank_loss = bpr_loss(scores[:, :1].expand_as(scores[:, 1:]), scores[:, 1:])
+        u_emb, i_emb = self.net.ego_embeddings(users, items)
         reg = l2_penalty(u_emb, i_emb)
         loss = rank_loss + self.hparams.l2_weight * reg
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=users.numel())
-        self.log("train/bpr", rank_loss, on_step=False, on_epoch=True, batch_size=users.numel())
+        self._accumulate_loss(loss.detach(), users.numel(), batch_idx)
         return loss
+
+    def _accumulate_loss(self, loss: Tensor, batch_size: int, batch_idx: int) -> None:
+        """Sum the epoch's loss on the device and log its mean once, at the epoch's last batch.
+
+        ``self.log`` on every step costs more host time than a whole LightGCN step on a GPU;
+        this keeps the per-step cost to one in-place add.
+        """
+        if batch_idx == 0:
+            self._loss_sum, self._seen = torch.zeros((), device=loss.device), 0
+        self._loss_sum += loss * batch_size
+        self._seen += batch_size
+        if batch_idx == self.trainer.num_training_batches - 1:
+            self.log("train/loss", self._loss_sum / self._seen, on_step=False, on_epoch=True, prog_bar=True)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         dm = self.trainer.datamodule

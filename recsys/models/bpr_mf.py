@@ -42,12 +42,14 @@ class BPRMF(nn.Module):
 
         Args:
             users: (B,) int64 user ids.
-            items: (B,) int64 item ids.
+            items: (B,) or (B, n) int64 item ids.
 
         Returns:
-            (B,) float scores.
+            (B,) or (B, n) float scores.
         """
-        return (self.user_embedding(users) * self.item_embedding(items)).sum(-1)
+        u = self.user_embedding(users)  # (B, d)
+        i = self.item_embedding(items)  # (B, d) or (B, n, d)
+        return (u.unsqueeze(-2) * i).sum(-1) if items.dim() == 2 else (u * i).sum(-1)
 
     def score_all(self, users: Tensor) -> Tensor:
         """Scores of a batch of users against every item.

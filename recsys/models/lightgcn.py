@@ -43,6 +43,19 @@ def normalized_adjacency(users: Tensor, items: Tensor, num_users: int, num_items
         return torch.sparse_csr_tensor(crow, col[order], values[order], (n, n), check_invariants=False)
 
 
+def gather_rows(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for a 1-D or 2-D ``index``: ``(..., d)`` rows.
+
+    ``index_select``'s backward is an atomic ``index_add``, much cheaper on a GPU than the
+    sort-based backward of advanced indexing, but not bit-deterministic; under
+    ``torch.use_deterministic_algorithms(True)`` (``trainer.deterministic``) plain indexing
+    is used instead.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        return table[index]
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
+
+
 class _SymmetricSpmm(torch.autograd.Function):
     """``adj @ x`` for a constant symmetric sparse ``adj``: the backward pass is ``adj @ grad``."""
 
@@ -154,8 +167,8 @@ class LightGCN(nn.Module):
             (B,) or (B, n) scores.
         """
         user_emb, item_emb = self.propagate()
-        u = user_emb[users]  # (B, d)
-        i = item_emb[items]  # (B, d) or (B, n, d)
+        u = gather_rows(user_emb, users)  # (B, d)
+        i = gather_rows(item_emb, items)  # (B, d) or (B, n, d)
         return (u.unsqueeze(-2) * i).sum(-1) if items.dim() == 2 else (u * i).sum(-1)
 
     def score_all(self, users: Tensor) -> Tensor:
@@ -197,4 +210,5 @@ class LightGCN(nn.Module):
         Returns:
             ((B, d), (..., d)) user and item rows.
         """
-        return self.embedding(users), self.embedding(items + self.num_users)
+        weight = self.embedding.weight
+        return gather_rows(weight, users), gather_rows(weight, items + self.num_users)

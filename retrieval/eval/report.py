@@ -14,18 +14,27 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+def _atomic_write(path: str | Path, data: str | bytes, mode: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    _atomic_write(path, text, "w")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
+    _atomic_write(path, data, "wb")
 
 
 def _column_key(name: str) -> tuple[str, int]:
@@ -64,6 +73,8 @@ def write_report(
     protocol: Mapping[str, object],
     timings: Mapping[str, float],
     config_yaml: str,
+    figures: Mapping[str, str] | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> Path:
     """Write ``metrics.json`` and ``report.md`` into ``out_dir``.
 
@@ -75,12 +86,21 @@ def write_report(
             metric convention, compatibility modes in use, selection rule.
         timings: seconds per phase (``fit``, ``test``, ...).
         config_yaml: the fully resolved config.
+        figures: ``{caption: file name}`` of images already written into ``out_dir``
+            (see :mod:`retrieval.eval.plots`), linked from a "Figures" section.
+        extra: more entries for ``metrics.json`` (e.g. the per-epoch ``history``).
 
     Returns:
         The path of ``report.md``.
     """
     out_dir = Path(out_dir)
-    payload = {"title": title, "metrics": metrics, "protocol": protocol, "timings_s": timings}
+    payload = {
+        "title": title,
+        "metrics": metrics,
+        "protocol": protocol,
+        "timings_s": timings,
+        **(extra or {}),
+    }
     atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
     parts = [
         f"# {title}",
@@ -93,6 +113,7 @@ def write_report(
         "",
         *[f"- **{k}**: {v}" for k, v in protocol.items()],
         "",
+        *(["## Figures", "", *[f"![{c}]({f})\n" for c, f in figures.items()]] if figures else []),
         "## Time",
         "",
         *[f"- {k}: {v:.1f} s" for k, v in timings.items()],

@@ -35,3 +35,22 @@ def test_atomic_write_leaves_old_file_and_no_temp_on_failure(tmp_path: Path) -> 
         atomic_write_text(target, 123)  # type: ignore[arg-type]  # write() rejects a non-str
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["r.md"]
+
+
+def test_report_links_figures_and_saves_extra_entries(tmp_path: Path) -> None:
+    metrics = {"test": {"test/ndcg@10": 0.2}}
+    history = {0: {"train/loss": 0.5}}
+    figures = {"learning curves": "learning_curves.png"}
+    text = write_report(
+        tmp_path, "exp", metrics, {}, {}, "", figures=figures, extra={"history": history}
+    ).read_text()
+    assert "## Figures\n\n![learning curves](learning_curves.png)\n" in text
+    assert json.loads((tmp_path / "metrics.json").read_text())["history"] == {"0": {"train/loss": 0.5}}
+
+
+def test_atomic_write_bytes(tmp_path: Path) -> None:
+    from retrieval.eval.report import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "a.png", b"\x89PNG")
+    assert (tmp_path / "a.png").read_bytes() == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
