@@ -286,11 +286,11 @@ def gpu_main(args: argparse.Namespace) -> str:
             f"- command: `python benchmarks/lightgcn_speed.py gpu --data gowalla.pt --anchor-epochs "
             f"{args.anchor_epochs} --max-epochs {args.max_epochs} --budget-s {args.budget_s:.0f}`",
             "- Gowalla (LightGCN split), d = 64, 3 layers, Adam 1e-3, batch 2048, L2 1e-4",
-            f"- anchor epoch time: median of {args.anchor_epochs} epochs; Sparrow's: median of all but the first",
+            f"- epoch times: anchor median of {args.anchor_epochs} epochs; Sparrow median of all but the 1st",
             "",
             *table,
             "",
-            "Sparrow's test metrics while training (only for the time to target; nothing is selected on them):",
+            "Sparrow's test metrics while training (for the time to target only; nothing selected on them):",
             "",
             *curve_lines,
             "",
