@@ -87,8 +87,9 @@ class LightGCN(nn.Module):
     embeddings of the batch (paper eq. 15; :func:`recsys.losses.l2_penalty`).
 
     Propagation runs once per call over the whole graph (the paper's full-graph training).
-    In eval mode without gradients, the propagated table is cached until the next
-    ``train()`` or :meth:`set_graph` call, so full-sort evaluation propagates once.
+    Without gradients (evaluation), the propagated table is cached and reused for as long as
+    the embedding table is unchanged (its in-place version counter), so full-sort evaluation
+    propagates once; with gradients it is always recomputed.
 
     Args:
         num_users (int): number of users U.
@@ -111,7 +112,7 @@ class LightGCN(nn.Module):
         self.embedding = nn.Embedding(num_users + num_items, embedding_dim)
         nn.init.normal_(self.embedding.weight, std=init_std)
         self.adj: Tensor | None = None
-        self._cache: Tensor | None = None
+        self._cache: tuple[int, Tensor] | None = None  # (weight version, propagated table)
 
     def set_graph(self, users: Tensor, items: Tensor) -> None:
         """Build :math:`\\hat{A}` from the training interactions (and drop any cache).
@@ -132,10 +133,6 @@ class LightGCN(nn.Module):
         self._cache = None
         return self
 
-    def train(self, mode: bool = True) -> LightGCN:
-        self._cache = None
-        return super().train(mode)
-
     def propagate(self) -> tuple[Tensor, Tensor]:
         """Layer-mean embeddings of every user and item.
 
@@ -144,16 +141,17 @@ class LightGCN(nn.Module):
         """
         if self.adj is None:
             raise RuntimeError("LightGCN needs its training graph: call set_graph(users, items) first")
-        if self._cache is not None:
-            return self._cache[: self.num_users], self._cache[self.num_users :]
         x = self.embedding.weight  # (N, d)
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and self._cache is not None and self._cache[0] == x._version:
+            out = self._cache[1]
+            return out[: self.num_users], out[self.num_users :]
         total = x
         for _ in range(self.num_layers):
             x = _SymmetricSpmm.apply(self.adj, x)  # (N, d)
             total = total + x
         out = total / (self.num_layers + 1)  # (N, d)
-        if not self.training and not torch.is_grad_enabled():
-            self._cache = out
+        self._cache = (x._version, out) if cacheable else None
         return out[: self.num_users], out[self.num_users :]
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
