@@ -49,7 +49,7 @@ class PairwiseRecommender(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Hand graph models their training graph (nets that define ``set_graph``)."""
-        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm = self.trainer.datamodule
         if hasattr(self.net, "set_graph") and dm is not None:
             self.net.set_graph(*dm.train_pairs())
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from retrieval.eval.topk import topk_with_id_ties
+
 
 class BPRMF(nn.Module):
     r"""Matrix factorisation for implicit feedback, trained with the BPR criterion.
@@ -73,13 +75,12 @@ class BPRMF(nn.Module):
                 (e.g. the user's training items).
 
         Returns:
-            (B, k) int64 item ids.
+            (B, k) int64 item ids; ``-1`` pads a row with fewer than ``k`` candidates.
         """
         scores = self.score_all(users)  # (B, I)
         if exclude is not None:
             scores = scores.masked_fill(exclude, float("-inf"))
-        # a stable descending sort keeps ties in item-id order
-        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return topk_with_id_ties(scores, k)[1]
 
     def ego_embeddings(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
         """The raw embedding rows used by an L2 penalty on the batch.

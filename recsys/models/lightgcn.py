@@ -7,6 +7,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from retrieval.eval.topk import topk_with_id_ties
+
 
 def normalized_adjacency(users: Tensor, items: Tensor, num_users: int, num_items: int) -> Tensor:
     r"""The symmetric-normalised adjacency of the bipartite user-item graph, as sparse CSR.
@@ -191,12 +193,12 @@ class LightGCN(nn.Module):
             exclude: optional (B, num_items) bool mask of items never to recommend.
 
         Returns:
-            (B, k) int64 item ids.
+            (B, k) int64 item ids; ``-1`` pads a row with fewer than ``k`` candidates.
         """
         scores = self.score_all(users)  # (B, I)
         if exclude is not None:
             scores = scores.masked_fill(exclude, float("-inf"))
-        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return topk_with_id_ties(scores, k)[1]
 
     def ego_embeddings(self, users: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
         """Layer-0 embedding rows of a batch, for the L2 penalty.
