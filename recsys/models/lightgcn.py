@@ -58,6 +58,11 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
 
 
+def _version(t: Tensor) -> int:
+    """In-place version counter of ``t``; -1 for inference tensors (read-only outside inference mode)."""
+    return -1 if t.is_inference() else t._version
+
+
 class _SymmetricSpmm(torch.autograd.Function):
     """``adj @ x`` for a constant symmetric sparse ``adj``: the backward pass is ``adj @ grad``."""
 
@@ -145,7 +150,7 @@ class LightGCN(nn.Module):
             raise RuntimeError("LightGCN needs its training graph: call set_graph(users, items) first")
         x = self.embedding.weight  # (N, d)
         cacheable = not torch.is_grad_enabled()
-        if cacheable and self._cache is not None and self._cache[0] == x._version:
+        if cacheable and self._cache is not None and self._cache[0] == _version(x):
             out = self._cache[1]
             return out[: self.num_users], out[self.num_users :]
         total = x
@@ -153,7 +158,7 @@ class LightGCN(nn.Module):
             x = _SymmetricSpmm.apply(self.adj, x)  # (N, d)
             total = total + x
         out = total / (self.num_layers + 1)  # (N, d)
-        self._cache = (x._version, out) if cacheable else None
+        self._cache = (_version(x), out) if cacheable else None
         return out[: self.num_users], out[self.num_users :]
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:

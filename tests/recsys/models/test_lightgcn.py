@@ -108,3 +108,13 @@ def test_training_learns_a_planted_block_structure() -> None:
 def test_missing_graph_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="call set_graph"):
         LightGCN(3, 4).score_all(torch.arange(2))
+
+
+def test_scoring_works_on_weights_loaded_in_inference_mode() -> None:
+    """Lightning's validate/test load checkpoints under ``torch.inference_mode``."""
+    net = LightGCN(30, 40, embedding_dim=8)
+    net.set_graph(*_graph())
+    with torch.inference_mode():
+        net.load_state_dict(LightGCN(30, 40, embedding_dim=8).state_dict())
+        first = net.score_all(torch.arange(3))
+        assert torch.equal(net.score_all(torch.arange(3)), first)
