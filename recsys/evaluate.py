@@ -13,18 +13,16 @@ to add cut-offs; ``paths.data_dir`` overrides where the dataset is read from.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recsys import checkpoint
-from recsys.train import USER_ERRORS, ConfigError, check_overrides, fail, protocol_of
+from recsys.train import ConfigError, entry_point, protocol_of
 from retrieval.eval.plots import write_figures
 from retrieval.eval.report import metrics_table, write_report
 
@@ -90,21 +88,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def _main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:
-        fail(err)
-
-
-def main() -> None:
-    """``python -m recsys.evaluate ckpt_path=... [split=val|test]``."""
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as err:
-        fail(err)
-    _main()
+main = entry_point("evaluate", run)  # python -m recsys.evaluate ckpt_path=... [split=val|test]
 
 
 if __name__ == "__main__":

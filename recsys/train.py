@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
@@ -178,21 +178,31 @@ def fail(err: Exception) -> None:
     sys.exit(2)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def _main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except USER_ERRORS as err:
-        fail(err)
+def entry_point(config_name: str, run_fn: Callable[[DictConfig], object]) -> Callable[[], None]:
+    """A ``python -m`` main over ``conf/<config_name>.yaml``.
+
+    Unknown config-group options fail before Hydra starts, and bad input (:data:`USER_ERRORS`)
+    ends as one log line with exit code 2, never a traceback.
+    """
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def _main(cfg: DictConfig) -> None:
+        try:
+            run_fn(cfg)
+        except USER_ERRORS as err:
+            fail(err)
+
+    def main() -> None:
+        try:
+            check_overrides(sys.argv[1:])
+        except ConfigError as err:
+            fail(err)
+        _main()
+
+    return main
 
 
-def main() -> None:
-    """``python -m recsys.train [overrides]``; unknown config-group options fail before Hydra starts."""
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as err:
-        fail(err)
-    _main()
+main = entry_point("train", run)
 
 
 if __name__ == "__main__":
