@@ -33,6 +33,8 @@ class PairwiseRecommender(L.LightningModule):
         evaluator: the shared top-K evaluator.
         l2_weight: coefficient of the L2 penalty on the batch's embedding rows.
         scheduler: optional partial of a LR scheduler, called with the optimizer.
+        compile: ``torch.compile`` the net in place (``nn.Module.compile``: state-dict keys and
+            checkpoints stay the same as without it).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class PairwiseRecommender(L.LightningModule):
         evaluator: TopKEvaluator,
         l2_weight: float = 0.0,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         # partials stay out of the checkpoint: it must load with torch.load(weights_only=True)
@@ -53,10 +56,12 @@ class PairwiseRecommender(L.LightningModule):
         self._per_user: dict[str, list[Tensor]] = defaultdict(list)
 
     def setup(self, stage: str) -> None:
-        """Hand graph models their training graph (nets that define ``set_graph``)."""
+        """Hand graph models their training graph (nets that define ``set_graph``); compile."""
         dm = self.trainer.datamodule
         if hasattr(self.net, "set_graph") and dm is not None:
             self.net.set_graph(*dm.train_pairs())
+        if self.hparams.compile:
+            self.net.compile()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         optimizer = self.optimizers()

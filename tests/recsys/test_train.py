@@ -255,3 +255,30 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(case: str, tmp_path: Pat
     assert proc.returncode == 2, out
     assert expected in out and "Traceback" not in out
     assert len([line for line in out.splitlines() if "ERROR" in line]) == 1
+
+
+def test_compiled_net_trains_to_the_same_numbers(shared_data: Path, tmp_path: Path) -> None:
+    """``model.compile=true`` (torch.compile) must not change what is learned."""
+    base = ["+experiment=bpr_ml100k", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+    plain = run(_compose(tmp_path / "plain", base))
+    compiled = run(_compose(tmp_path / "compiled", base + ["model.compile=true"]))
+    for stage in ("val", "test"):
+        for key, value in plain[stage].items():
+            assert compiled[stage][key] == pytest.approx(value, abs=1e-5)
+
+
+def test_compile_option_compiles_the_net_in_place() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from recsys.lit.pairwise import PairwiseRecommender
+    from recsys.models.bpr_mf import BPRMF
+    from retrieval.eval.topk_evaluator import TopKEvaluator
+
+    module = PairwiseRecommender(BPRMF(3, 4), torch.optim.Adam, TopKEvaluator(), compile=True)
+    module._trainer = SimpleNamespace(datamodule=None)
+    assert module.net._compiled_call_impl is None
+    module.setup("fit")
+    assert module.net._compiled_call_impl is not None
+    assert list(module.net.state_dict()) == ["user_embedding.weight", "item_embedding.weight"]
