@@ -131,7 +131,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     metrics: dict[str, dict[str, float]] = {}
     ckpt = None
     if cfg.test:
-        ckpt = trainer.checkpoint_callback.best_model_path if cfg.train else ckpt_path
+        ckpt = _selected_checkpoint(trainer) if cfg.train else ckpt_path
         log.info("selected checkpoint: %s", ckpt)
         start = time.perf_counter()
         val = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
@@ -163,11 +163,31 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return metrics
 
 
+def _selected_checkpoint(trainer: L.Trainer) -> str:
+    """The best checkpoint on the monitored validation metric; the last one when nothing is
+    monitored (a fixed epoch budget)."""
+    callback = trainer.checkpoint_callback
+    path = callback.best_model_path if callback.monitor else callback.last_model_path
+    if not path:
+        raise ConfigError("training saved no checkpoint to test; check callbacks.model_checkpoint")
+    return path
+
+
 def _epoch_of(ckpt: str | None) -> int:
-    """The epoch stored in a checkpoint file (-1 if none)."""
+    """The 0-based epoch whose weights a checkpoint holds (-1 if none).
+
+    Lightning's ``epoch`` field is the 0-based epoch for checkpoints saved during validation
+    but the count of finished epochs for those saved after an epoch ended (``last.ckpt`` of
+    a run without validation); the epoch-progress counter tells them apart: the weights are
+    those of the last *started* epoch.
+    """
     if not ckpt:
         return -1
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", -1))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    try:
+        return int(state["loops"]["fit_loop"]["epoch_progress"]["current"]["started"]) - 1
+    except (KeyError, TypeError):
+        return int(state.get("epoch", -1))
 
 
 def fail(err: Exception) -> None:

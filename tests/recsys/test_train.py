@@ -282,3 +282,22 @@ def test_compile_option_compiles_the_net_in_place() -> None:
     module.setup("fit")
     assert module.net._compiled_call_impl is not None
     assert list(module.net.state_dict()) == ["user_embedding.weight", "item_embedding.weight"]
+
+
+def test_fixed_budget_without_validation_tests_the_last_epoch(shared_data: Path, tmp_path: Path) -> None:
+    """lightgcn_gowalla: the paper's protocol has no validation data; test once, at the last epoch."""
+    cfg = _compose(
+        tmp_path,
+        [
+            "+experiment=lightgcn_gowalla",
+            "trainer.max_epochs=2",
+            "+trainer.limit_train_batches=2",
+            "trainer.enable_progress_bar=false",
+            "model.net.embedding_dim=8",
+        ],
+    )
+    metrics = run(cfg)
+    assert "val" not in metrics  # nothing to validate on
+    assert 0.0 < metrics["test"]["test/recall@20"] <= 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "none (fixed budget)" in report and "selected epoch (0-based)**: 1" in report
