@@ -236,7 +236,8 @@ def machine() -> str:
 def gpu_main(args: argparse.Namespace) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = torch.load(args.data, weights_only=True)
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     a = anchor(data, args.anchor_epochs, device)
     a["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     s, curve = sparrow(data, args.max_epochs, args.budget_s, args.eval_every, args.target, device)

@@ -39,36 +39,22 @@ log = logging.getLogger(__name__)
 READER_VERSION = "beir-1"  # bump whenever the tables built here change
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets"
 
+
+def _beir_source(name: str, md5: str) -> DatasetSource:
+    """A BEIR dataset: the official zip (md5-verified) holding ``<name>/`` in BEIR format."""
+    zipped = RemoteFile(url=f"{BEIR_URL}/{name}.zip", sha256=None, md5=md5, extract=True, strip=f"{name}/")
+    return DatasetSource(
+        name=name,
+        required=("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"),
+        remote=(zipped,),
+        card=f"datasets/{name}/README.md",
+    )
+
+
 # md5s as published in the "Available Datasets" table of BEIR's README (github.com/beir-cellar/beir).
 BEIR_SOURCES: dict[str, DatasetSource] = {
-    "scifact": DatasetSource(
-        name="scifact",
-        required=("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"),
-        remote=(
-            RemoteFile(
-                url=f"{BEIR_URL}/scifact.zip",
-                sha256=None,
-                md5="5f7d1de60b170fc8027bb7898e2efca1",
-                extract=True,
-                strip="scifact/",
-            ),
-        ),
-        card="datasets/scifact/README.md",
-    ),
-    "nfcorpus": DatasetSource(
-        name="nfcorpus",
-        required=("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"),
-        remote=(
-            RemoteFile(
-                url=f"{BEIR_URL}/nfcorpus.zip",
-                sha256=None,
-                md5="a89dba18a62ef92f7d323ec890a0d38d",
-                extract=True,
-                strip="nfcorpus/",
-            ),
-        ),
-        card="datasets/nfcorpus/README.md",
-    ),
+    "scifact": _beir_source("scifact", "5f7d1de60b170fc8027bb7898e2efca1"),
+    "nfcorpus": _beir_source("nfcorpus", "a89dba18a62ef92f7d323ec890a0d38d"),
 }
 
 
