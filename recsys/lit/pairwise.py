@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from recsys.lit.cuda_graph import GraphedStep
 from recsys.losses import bpr_loss, l2_penalty
 from retrieval.eval.topk_evaluator import TopKEvaluator
 
@@ -35,6 +36,10 @@ class PairwiseRecommender(L.LightningModule):
         scheduler: optional partial of a LR scheduler, called with the optimizer.
         compile: ``torch.compile`` the net in place (``nn.Module.compile``: state-dict keys and
             checkpoints stay the same as without it).
+        cuda_graph: on a CUDA device, replay each training step (forward, backward, optimizer
+            step) as one CUDA graph (:class:`~recsys.lit.cuda_graph.GraphedStep`); ignored on
+            the CPU. Needs 32-bit precision and no scheduler (the graph fixes the learning
+            rate); Lightning's optimizer-step hooks do not run for graphed steps.
     """
 
     def __init__(
@@ -45,8 +50,11 @@ class PairwiseRecommender(L.LightningModule):
         l2_weight: float = 0.0,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         compile: bool = False,
+        cuda_graph: bool = False,
     ):
         super().__init__()
+        if cuda_graph and scheduler is not None:
+            raise ValueError("cuda_graph=true cannot follow a learning-rate scheduler: set one or the other")
         # partials stay out of the checkpoint: it must load with torch.load(weights_only=True)
         self.save_hyperparameters(logger=False, ignore=["net", "evaluator", "optimizer", "scheduler"])
         self.net = net
@@ -54,6 +62,7 @@ class PairwiseRecommender(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.automatic_optimization = False
         self._per_user: dict[str, list[Tensor]] = defaultdict(list)
+        self._graphed: GraphedStep | None = None
 
     def setup(self, stage: str) -> None:
         """Hand graph models their training graph (nets that define ``set_graph``); compile."""
@@ -62,15 +71,53 @@ class PairwiseRecommender(L.LightningModule):
             self.net.set_graph(*dm.train_pairs())
         if self.hparams.compile:
             self.net.compile()
+        precision = str(getattr(self.trainer, "precision", "32-true"))
+        if self.hparams.cuda_graph and stage == "fit" and precision not in ("32", "32-true"):
+            raise ValueError(f"cuda_graph=true needs trainer.precision=32, got {self.trainer.precision}")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.hparams.cuda_graph:
+            loss = self._graphed_step(batch)
+        else:
+            loss = self._eager_step(batch)
+        self._accumulate_loss(loss, batch["users"].numel(), batch_idx)
+        return loss
+
+    def _eager_step(self, batch: dict[str, Tensor]) -> Tensor:
         optimizer = self.optimizers()
         loss = self._loss(batch)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         optimizer.step()
-        self._accumulate_loss(loss.detach(), batch["users"].numel(), batch_idx)
+        return loss.detach()
+
+    def _graphed_step(self, batch: dict[str, Tensor]) -> Tensor:
+        if self._graphed is None:
+            self._graphed = GraphedStep(
+                lambda users, pos, neg: self._loss({"users": users, "pos": pos, "neg": neg}),
+                self.optimizers().optimizer,
+                [p for p in self.parameters() if p.requires_grad],
+            )
+        loss = self._graphed(batch["users"], batch["pos"], batch["neg"])
+        self._count_optimizer_step()
         return loss
+
+    def _count_optimizer_step(self) -> None:
+        """Advance ``trainer.global_step`` for a step that bypassed ``LightningOptimizer.step``.
+
+        Checkpointing, logging cadence and ``max_steps`` read that counter; Lightning's manual
+        loop advances it through these two hooks of the optimizer wrapper.
+        """
+        optimizer = self.optimizers()
+        optimizer._on_before_step()
+        optimizer._on_after_step()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Save optimizers in their plain form, so that a graphed run resumes on any device."""
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state["param_groups"]:
+                if "capturable" in group:
+                    group["capturable"] = False
 
     def on_train_epoch_end(self) -> None:
         scheduler = self.lr_schedulers()

@@ -267,6 +267,15 @@ def test_compiled_net_trains_to_the_same_numbers(shared_data: Path, tmp_path: Pa
             assert compiled[stage][key] == pytest.approx(value, abs=1e-5)
 
 
+def test_cuda_graph_option_changes_nothing_on_the_cpu(shared_data: Path, tmp_path: Path) -> None:
+    """``model.cuda_graph=true`` is a GPU speed-up only: on the CPU it trains the same numbers."""
+    base = ["+experiment=lightgcn_ml100k", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"]
+    base += ["trainer.enable_progress_bar=false"]
+    plain = run(_compose(tmp_path / "plain", base))
+    graphed = run(_compose(tmp_path / "graphed", base + ["model.cuda_graph=true"]))
+    assert graphed == plain
+
+
 def test_compile_option_compiles_the_net_in_place() -> None:
     from types import SimpleNamespace
 
