@@ -66,6 +66,43 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def median_time(fn, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def example_recall(model, edge_index, train_edges, test_edges, num_users: int, k: int, chunk: int) -> float:
+    """Recall@k as the evaluation of PyG's LightGCN example computes it (its loop, timed as the anchor).
+
+    One propagation, then per chunk of users: scores, training pairs set to ``-inf``, a dense
+    boolean ground-truth block, ``topk`` and a gather; one host sync per chunk.
+    """
+    emb = model.get_embedding(edge_index)
+    user_emb, item_emb = emb[:num_users], emb[num_users:]
+    recall = total = 0.0
+    for start in range(0, num_users, chunk):
+        end = start + chunk
+        logits = user_emb[start:end] @ item_emb.T  # (B, I)
+        mask = (train_edges[0] >= start) & (train_edges[0] < end)
+        logits[train_edges[0, mask] - start, train_edges[1, mask] - num_users] = float("-inf")
+        truth = torch.zeros_like(logits, dtype=torch.bool)
+        mask = (test_edges[0] >= start) & (test_edges[0] < end)
+        truth[test_edges[0, mask] - start, test_edges[1, mask] - num_users] = True
+        count = torch.bincount(test_edges[0, mask] - start, minlength=logits.size(0))  # (B,)
+        hits = truth.gather(1, logits.topk(k, dim=-1).indices).sum(-1)  # (B,)
+        recall += float((hits / count.clamp(min=1)).sum())
+        total += int((count > 0).sum())
+    return recall / total
+
+
 def anchor(data: dict, epochs: int, device: torch.device) -> dict[str, float]:
     """PyG's LightGCN example loop; returns median epoch time, eval time, Recall@20, peak memory."""
     from torch_geometric.nn.models import LightGCN as PygLightGCN
@@ -98,20 +135,19 @@ def anchor(data: dict, epochs: int, device: torch.device) -> dict[str, float]:
             opt.step()
         _sync()
         times.append(time.perf_counter() - start)
-    # the example's evaluation: one propagation, then users x items scores with train masked
     train_sets = ItemSets.from_pairs(data["train_users"], data["train_items"], U, I)
     test_sets = ItemSets.from_pairs(data["test_users"], data["test_items"], U, I)
+    test_edges = torch.stack([data["test_users"], data["test_items"] + U]).to(device)  # (2, T)
     with torch.no_grad():
-        _sync()
-        start = time.perf_counter()
+        example = lambda: example_recall(model, edge_index, train_edges, test_edges, U, 20, 2048)  # noqa: E731
+        eval_time = median_time(example)
+        # quality on the shared harness (untimed), so both sides are scored the same way
         emb = model.get_embedding(edge_index)
         user_emb, item_emb = emb[:U], emb[U:]
         scores_of = lambda users: user_emb[users] @ item_emb.T  # noqa: E731
         metrics = TopKEvaluator(ks=(20,), metrics=("recall", "ndcg"), chunk_size=4096)(
             scores_of, test_sets, train_sets, device=device
         )
-        _sync()
-        eval_time = time.perf_counter() - start
     return {
         "epoch_s": sorted(times)[len(times) // 2],
         "eval_s": eval_time,
@@ -165,7 +201,6 @@ def sparrow(
         def __init__(self):
             self.train_s = 0.0
             self.epoch_times: list[float] = []
-            self.eval_times: list[float] = []
 
         def on_train_epoch_start(self, trainer, module):
             _sync()
@@ -179,11 +214,7 @@ def sparrow(
             epoch = trainer.current_epoch + 1
             if epoch % eval_every == 0 or epoch == max_epochs or self.train_s > budget_s:
                 module.eval()
-                _sync()
-                t = time.perf_counter()
                 m = evaluator(module.net.score_all, test_sets, train_sets, device=module.device)
-                _sync()
-                self.eval_times.append(time.perf_counter() - t)
                 module.train()
                 curve.append((epoch, self.train_s, m["recall@20"], m["ndcg@20"]))
                 log.info(
@@ -214,12 +245,20 @@ def sparrow(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=Tensors())
+    module.eval()
+
+    def evaluate() -> None:
+        torch.autograd.graph.increment_version(net.embedding.weight)  # drop the cached propagation
+        evaluator(net.score_all, test_sets, train_sets, device=module.device)
+
+    with torch.no_grad():
+        eval_s = median_time(evaluate)
     epochs = len(monitor.epoch_times)
     steady = sorted(monitor.epoch_times[1:] or monitor.epoch_times)
     return {
         "epoch_s": steady[len(steady) // 2],
         "first_epoch_s": monitor.epoch_times[0],
-        "eval_s": sorted(monitor.eval_times)[len(monitor.eval_times) // 2],
+        "eval_s": eval_s,
         "epochs": float(epochs),
         "train_s": monitor.train_s,
         "recall@20": curve[-1][2],
@@ -250,7 +289,7 @@ def gpu_main(args: argparse.Namespace) -> str:
             f"{a['epoch_s'] / s['epoch_s']:.1f}x faster",
         ),
         (
-            "full-sort eval, 29,858 users (s)",
+            f"full-sort eval, {data['num_users']:,} users (s)",
             f"{a['eval_s']:.3f}",
             f"{s['eval_s']:.3f}",
             f"{a['eval_s'] / s['eval_s']:.2f}x",
@@ -289,6 +328,9 @@ def gpu_main(args: argparse.Namespace) -> str:
             f"{args.anchor_epochs} --max-epochs {args.max_epochs} --budget-s {args.budget_s:.0f}`",
             "- Gowalla (LightGCN split), d = 64, 3 layers, Adam 1e-3, batch 2048, L2 1e-4",
             f"- epoch times: anchor median of {args.anchor_epochs} epochs; Sparrow median of all but the 1st",
+            "- full-sort eval: median of 5 after a warm-up; anchor = the evaluation loop of PyG's example "
+            "(Recall@20 only, 2048 users per block); Sparrow = the shared TopKEvaluator (Recall and NDCG@20, "
+            "exact id tie-break, 4096 users per block), propagation included on both sides",
             "",
             *table,
             "",

@@ -373,14 +373,17 @@ class ItemSets:
         return ItemSets.from_pairs(users, items, self.num_users, self.num_items)
 
     def row_ids(self) -> torch.Tensor:
-        """(nnz,) int64: the user of each stored item."""
-        return torch.repeat_interleave(torch.arange(self.num_users, device=self.indptr.device), self.sizes())
+        """(nnz,) int64: the user of each stored item (no host sync on a GPU)."""
+        users = torch.arange(self.num_users, device=self.indptr.device)
+        return torch.repeat_interleave(users, self.sizes(), output_size=self.indices.numel())
 
-    def rows(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sets of a batch of users as COO pairs.
+    def rows(self, users: torch.Tensor, output_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sets of a batch of users as COO pairs, on the sets' device.
 
         Args:
             users: (B,) int64 user ids.
+            output_size: (int | None) ``n``, the number of pairs, if the caller knows it: on a GPU
+                this saves the host sync that sizing the output takes. Default: ``None``.
 
         Returns:
             (row, item): (n,) int64 each; ``row`` indexes into ``users`` (0..B-1).
@@ -388,11 +391,33 @@ class ItemSets:
         users = users.to(self.indptr.device)
         starts, ends = self.indptr[users], self.indptr[users + 1]
         lengths = ends - starts  # (B,)
-        row = torch.repeat_interleave(torch.arange(users.numel(), device=users.device), lengths)
+        row = torch.repeat_interleave(
+            torch.arange(users.numel(), device=users.device), lengths, output_size=output_size
+        )  # (n,)
+        first = torch.cumsum(lengths, 0) - lengths  # (B,) where each user's pairs start in row
         offsets = torch.arange(row.numel(), device=users.device) - torch.repeat_interleave(
-            torch.cumsum(lengths, 0) - lengths, lengths
-        )
+            first, lengths, output_size=row.numel()
+        )  # (n,)
         return row, self.indices[starts[row] + offsets]
+
+    def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Whether each (user, item) pair is in the sets, on the sets' device without a host sync.
+
+        A binary search over the sorted ``user * num_items + item`` keys of all stored pairs.
+
+        Args:
+            users: int64 user ids, broadcastable against ``items``, on the sets' device.
+            items: int64 item ids in ``[0, num_items)``.
+
+        Returns:
+            bool tensor of the broadcast shape of ``users`` and ``items``.
+        """
+        keys = self.row_ids() * self.num_items + self.indices  # (nnz,) ascending: by user, then item
+        query = users * self.num_items + items  # (...)
+        if keys.numel() == 0:
+            return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+        pos = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)  # (...)
+        return keys[pos] == query
 
     def to(self, device: torch.device | str) -> ItemSets:
         return ItemSets(self.indptr.to(device), self.indices.to(device), self.num_items)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from recsys.lit.cuda_graph import GraphedStep
 from recsys.losses import bpr_loss, l2_penalty
 from retrieval.eval.topk_evaluator import TopKEvaluator
+from retrieval.types import ItemSets
 
 
 class PairwiseRecommender(L.LightningModule):
@@ -62,6 +63,7 @@ class PairwiseRecommender(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.automatic_optimization = False
         self._per_user: dict[str, list[Tensor]] = defaultdict(list)
+        self._eval_sets: dict[str, tuple[ItemSets, ItemSets]] = {}  # stage -> (targets, exclude) on device
         self._graphed: GraphedStep | None = None
 
     def setup(self, stage: str) -> None:
@@ -148,14 +150,26 @@ class PairwiseRecommender(L.LightningModule):
             self.log("train/loss", self._loss_sum / self._seen, on_step=False, on_epoch=True, prog_bar=True)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        dm = self.trainer.datamodule
+        targets, exclude = self._sets_on_device(stage)
         result = self.evaluator.per_user(
-            self.net.score_all, dm.targets(stage), dm.exclude(stage), device=self.device, users=batch["users"]
+            self.net.score_all, targets, exclude, device=self.device, users=batch["users"]
         )
         for name, values in result.metrics.items():
             self._per_user[name].append(values.detach().cpu())
 
+    def _sets_on_device(self, stage: str) -> tuple[ItemSets, ItemSets]:
+        """The stage's (targets, exclude) on ``self.device``: moved at its first batch, then reused.
+
+        The evaluator then finds them where the scores are and moves nothing per batch; the cache is
+        dropped at the end of each validation/test epoch.
+        """
+        if stage not in self._eval_sets:
+            dm = self.trainer.datamodule
+            self._eval_sets[stage] = (dm.targets(stage).to(self.device), dm.exclude(stage).to(self.device))
+        return self._eval_sets[stage]
+
     def _eval_epoch_end(self, stage: str) -> None:
+        self._eval_sets.pop(stage, None)
         metrics = {f"{stage}/{k}": torch.cat(v).double().mean().item() for k, v in self._per_user.items()}
         self._per_user.clear()
         headline = {k: v for k, v in metrics.items() if k.endswith("/ndcg@10")}

@@ -20,6 +20,9 @@ Sparrow's convention (``STYLE.md``; RecBole's, and ``torch_geometric.metrics``' 
     \mathrm{MAP@}K &= \frac{\sum_{p \le K} \mathrm{P@}p \cdot rel_p}{\min(K, |T_u|)}
     \quad \text{(RecBole's normalisation)}
 
+Every function gives the same bits on the CPU and on a GPU: running sums are added left to right
+(the CPU's order) and the ``log2`` discounts are computed on the CPU.
+
 Precision divides by ``K`` even when a list is padded (fewer than ``K`` candidates). A user with
 :math:`|T_u| = 0` gets 0 from every function here and must be left out of averages:
 :func:`mean_over_users` does that.
@@ -85,16 +88,38 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
 
 
+def _running_sum(x: Tensor) -> Tensor:
+    """(U, K) float64: ``torch.cumsum(x, dim=1)`` with the CPU's bits on every device.
+
+    The CPU's ``cumsum`` adds left to right; CUDA's is a parallel scan, whose rounding can differ,
+    so off the CPU the columns are added one by one (:func:`_cumsum_left_to_right`).
+    """
+    return torch.cumsum(x, dim=1) if x.device.type == "cpu" else _cumsum_left_to_right(x)
+
+
+def _cumsum_left_to_right(x: Tensor) -> Tensor:
+    """(U, K): running sum along dim 1 in column order, ``K - 1`` elementwise adds."""
+    out = x.clone()
+    for p in range(1, x.shape[1]):
+        out[:, p] += out[:, p - 1]
+    return out
+
+
+def _log2_ranks(K: int) -> Tensor:
+    """(K,) float64 on the CPU: log2(p + 1) for p = 1..K (a GPU's log2 may round differently)."""
+    return torch.log2(torch.arange(2, K + 2, dtype=torch.float64))
+
+
 def _idcg(n_ideal: Tensor, K: int) -> Tensor:
     """(U, K) float64: ideal DCG at every cutoff given ``n_ideal`` (U, K) ideal hit counts."""
-    disc = 1.0 / torch.log2(torch.arange(2, K + 2, dtype=torch.float64, device=n_ideal.device))  # (K,)
+    disc = 1.0 / _log2_ranks(K)  # (K,)
     table = torch.cat([disc.new_zeros(1), torch.cumsum(disc, 0)])  # (K + 1,) table[n] = sum_{p<=n}
-    return table[n_ideal]
+    return table.to(n_ideal.device)[n_ideal]
 
 
 def _dcg(hits: Tensor) -> Tensor:
     """(U, K) float64: DCG at every cutoff."""
-    return torch.cumsum(hits / torch.log2(_ranks(hits) + 1.0), dim=1)
+    return _running_sum(hits / _log2_ranks(hits.shape[1]).to(hits.device))
 
 
 def _min_k(n: Tensor, K: int) -> Tensor:
@@ -170,7 +195,7 @@ def hit(hits: Tensor, n_true: Tensor | None = None) -> Tensor:
 def map_(hits: Tensor, n_true: Tensor) -> Tensor:
     """MAP@k = sum_{p<=k} P@p * rel_p / min(k, |T_u|) (RecBole's).  Returns (U, K) float64."""
     hits, n_true = _check(hits, n_true)
-    ap_num = torch.cumsum(_num_hits(hits) / _ranks(hits) * hits, dim=1)  # (U, K)
+    ap_num = _running_sum(_num_hits(hits) / _ranks(hits) * hits)  # (U, K)
     return _safe_div(ap_num, _min_k(n_true, hits.shape[1]).to(torch.float64))
 
 

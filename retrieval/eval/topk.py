@@ -79,11 +79,29 @@ def topk_with_id_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     Raises:
         ValueError: if a row contains NaN (``torch.topk`` ranks NaN first, so it shows in column 0).
     """
+    vals, idx, has_nan = _topk_with_id_ties(scores, k)
+    _raise_on_nan(has_nan)
+    return vals, idx
+
+
+def _raise_on_nan(has_nan: torch.Tensor) -> None:
+    """Raise if the () bool flag of :func:`_topk_with_id_ties` is set (a host sync on a GPU)."""
+    if has_nan:
+        raise ValueError("score_fn returned NaN scores; cannot rank them")
+
+
+def _topk_with_id_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`topk_with_id_ties` that reports NaN as a flag on the device instead of raising.
+
+    Returns:
+        (values, indices, has_nan): (B, k) float32, (B, k) int64 and () bool, true iff ``scores``
+        holds a NaN (then the first two are meaningless). The one host sync left is the
+        data-dependent look-up of the rows where a tie straddles the cut.
+    """
     B, N = scores.shape
     kk = min(k + 1, N)  # one extra slot tells whether a tie straddles the k-th position
     vals, idx = torch.topk(scores, kk, dim=1, largest=True, sorted=True)  # (B, kk)
-    if vals.numel() and torch.isnan(vals[:, 0]).any():
-        raise ValueError("score_fn returned NaN scores; cannot rank them")
+    has_nan = torch.isnan(vals[:, :1]).any()  # () topk ranks NaN first
     if kk > k:
         kth = vals[:, k - 1]  # (B,) the k-th largest value
         straddle = (vals[:, k] == kth) & (kth > float("-inf"))  # (B,) tied items on both sides of the cut
@@ -110,7 +128,17 @@ def topk_with_id_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
         pad = k - idx.shape[1]
         vals = torch.cat([vals, vals.new_full((B, pad), float("-inf"))], dim=1)
         idx = torch.cat([idx, idx.new_full((B, pad), -1)], dim=1)
-    return vals, idx
+    return vals, idx, has_nan
+
+
+def _pairs_per_chunk(sets: ItemSets, users: torch.Tensor, chunk_size: int) -> list[int]:
+    """How many (user, item) pairs of ``sets`` each chunk of ``users`` has: one host read per call.
+
+    Known on the host, these sizes spare :meth:`ItemSets.rows` its host syncs inside the chunk loop.
+    """
+    sizes = sets.sizes()[users.to(sets.indptr.device)]  # (U,)
+    pad = -sizes.numel() % chunk_size
+    return torch.nn.functional.pad(sizes, (0, pad)).view(-1, chunk_size).sum(1).tolist()  # (n_chunks,)
 
 
 def full_sort_topk(
@@ -121,6 +149,7 @@ def full_sort_topk(
     chunk_size: int = 1024,
     device: torch.device | str | None = None,
     progress: bool | None = None,
+    out_device: torch.device | str | None = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank the whole catalogue for every user and keep the top ``k``, chunk by chunk.
 
@@ -141,14 +170,21 @@ def full_sort_topk(
         chunk_size: (int) users per ``score_fn`` call. Default: 1024.
         device: (torch.device | str | None) where ``users`` chunks are sent before ``score_fn``;
             ``None`` keeps ``users``' device. Masking and selection run on the device of the
-            scores ``score_fn`` returns.
+            scores ``score_fn`` returns; ``exclude`` is moved there once per call (not at all if it
+            is there already).
         progress: (bool | None) tqdm bar over chunks; ``None`` shows it only for runs of at least
             8 chunks and only on a terminal. Default: ``None``.
+        out_device: (torch.device | str | None) where the results are returned; ``None`` leaves
+            them on the device of the scores. Default: ``"cpu"``.
 
     Returns:
-        (scores, items): (U, k) float32 and (U, k) int64 on CPU, row ``i`` for ``users[i]``;
-        ``items[i, p]`` is the item at rank ``p + 1``; a user with fewer than ``k`` candidates has
-        the tail padded with item ``-1`` and score ``-inf``.
+        (scores, items): (U, k) float32 and (U, k) int64 on ``out_device``, row ``i`` for
+        ``users[i]``; ``items[i, p]`` is the item at rank ``p + 1``; a user with fewer than ``k``
+        candidates has the tail padded with item ``-1`` and score ``-inf``.
+
+    Raises:
+        ValueError: if ``score_fn`` returns NaN (checked once, after the last chunk: on a GPU the
+            chunk loop then syncs with the host only where a tie straddles the k-th position).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -163,7 +199,8 @@ def full_sort_topk(
     else:
         disable = not progress
     excl_on: dict[torch.device, ItemSets] = {}
-    out_scores, out_items = [], []
+    n_excluded = _pairs_per_chunk(exclude, users, chunk_size) if exclude is not None else []
+    out_scores, out_items, nan_flags = [], [], []
     with torch.no_grad():
         for start in tqdm(
             range(0, users.numel(), chunk_size),
@@ -190,12 +227,21 @@ def full_sort_topk(
                 dev = scores.device
                 if dev not in excl_on:
                     excl_on[dev] = exclude.to(dev)
-                row, item = excl_on[dev].rows(chunk.to(dev))  # (n,), (n,)
+                n = n_excluded[start // chunk_size]
+                row, item = excl_on[dev].rows(chunk.to(dev), output_size=n)  # (n,), (n,)
                 scores[row, item] = float("-inf")
-            vals, idx = topk_with_id_ties(scores, k)  # (B, k) each
-            out_scores.append(vals.cpu())
-            out_items.append(idx.cpu())
+            vals, idx, has_nan = _topk_with_id_ties(scores, k)  # (B, k), (B, k), ()
+            out_scores.append(vals)
+            out_items.append(idx)
+            nan_flags.append(has_nan)
             del scores
     if not out_scores:
-        return torch.zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.int64)
-    return torch.cat(out_scores), torch.cat(out_items)
+        return (
+            torch.zeros(0, k, dtype=torch.float32, device=out_device),
+            torch.zeros(0, k, dtype=torch.int64, device=out_device),
+        )
+    _raise_on_nan(torch.stack(nan_flags).any())
+    scores, items = torch.cat(out_scores), torch.cat(out_items)  # (U, k) each
+    if out_device is None:
+        return scores, items
+    return scores.to(out_device), items.to(out_device)

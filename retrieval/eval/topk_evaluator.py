@@ -22,30 +22,27 @@ log = logging.getLogger(__name__)
 
 
 def hit_matrix(users: torch.Tensor, items: torch.Tensor, targets: ItemSets) -> torch.Tensor:
-    """Which recommended items are targets.
+    """Which recommended items are targets, computed on ``items``' device.
 
     Args:
         users: (U,) int64 user ids.
         items: (U, K) int64 ranked item ids; ``-1`` (padding) is never a hit.
-        targets: the per-user target sets.
+        targets: the per-user target sets (moved to ``items``' device if they are elsewhere).
 
     Returns:
-        (U, K) bool, ``[i, p]`` true iff ``items[i, p]`` is in ``targets`` of ``users[i]``.
+        (U, K) bool on ``items``' device, ``[i, p]`` true iff ``items[i, p]`` is in ``targets`` of
+        ``users[i]``.
     """
-    N = targets.num_items
-    row, item = targets.rows(users.cpu())  # (n,), (n,) sorted by row, then item
-    keys = row * N + item  # (n,) ascending
-    items = items.cpu()
-    query = torch.arange(users.numel()).unsqueeze(1) * N + items.clamp(min=0)  # (U, K)
-    if keys.numel() == 0:
-        return torch.zeros(items.shape, dtype=torch.bool)
-    pos = torch.searchsorted(keys, query.reshape(-1)).clamp(max=keys.numel() - 1)  # (U*K,)
-    return (keys[pos] == query.reshape(-1)).view(items.shape) & (items >= 0)
+    targets = targets.to(items.device)
+    users = users.to(items.device).unsqueeze(1)  # (U, 1)
+    return targets.contains(users, items.clamp(min=0)) & (items >= 0)  # (U, K)
 
 
 @dataclass(frozen=True)
 class PerUserResult:
     """Per-user metric values, for significance tests and breakdowns.
+
+    All on the CPU, whatever device the evaluation ran on.
 
     Attributes:
         users: (U,) int64 ids of the evaluated users (those with ``|T_u| > 0``), ascending.
@@ -108,6 +105,11 @@ class TopKEvaluator:
     ) -> PerUserResult:
         """Per-user metrics of every user with ``|T_u| > 0`` (see :class:`PerUserResult`).
 
+        Ranking, hit matrix, metrics and the target/exclude overlap check all run on the device of
+        the scores ``score_fn`` returns; ``targets`` and ``exclude`` already on ``device`` are used as
+        they are, others are moved once per call. The results come back to the CPU once, at the end,
+        and are bit-identical on every device for the same scores.
+
         Args:
             score_fn, targets, exclude, device: as for :meth:`__call__`.
             users: (U,) int64 ids to evaluate, e.g. one batch of a Lightning eval loop; those with
@@ -121,32 +123,34 @@ class TopKEvaluator:
                 f"targets ({targets.num_users} users x {targets.num_items} items) and exclude "
                 f"({exclude.num_users} x {exclude.num_items}) must cover the same users and items"
             )
-        targets = targets.to("cpu")
-        n_true_all = targets.sizes()  # (num_users,)
-        if users is None:
-            users = torch.nonzero(n_true_all > 0).squeeze(1)  # (U,)
-        else:
-            users = torch.as_tensor(users, dtype=torch.int64).reshape(-1).cpu()
-            users = users[n_true_all[users] > 0]  # (U,)
-        if exclude is not None:
-            exclude = exclude.to("cpu")
-            n = _overlap(users, targets, exclude)
-            if n and not self._warned:
-                log.warning("%d target (user, item) pairs are also excluded and can never be hit", n)
-                self._warned = True
-        K = max(self.ks)
+        home = torch.device("cpu" if device is None else device)
+        targets = targets.to(home)
+        exclude = exclude.to(home) if exclude is not None else None
+        users = _users_with_targets(targets, users)  # (U,) on home
         _, items = full_sort_topk(
             score_fn,
             users,
-            K,
+            max(self.ks),
             exclude=exclude,
             chunk_size=self.chunk_size,
-            device=device,
+            device=home,
             progress=self.progress,
-        )  # (U, K)
-        hits = hit_matrix(users, items, targets)  # (U, K)
-        per_user = compute_metrics(hits, n_true_all[users], self.ks, self.metrics, self.compat)
-        return PerUserResult(users=users, metrics=per_user, items=items, hits=hits)
+            out_device=None,
+        )  # (U, K) on the scores' device
+        dev = items.device
+        on_dev, targets = users.to(dev), targets.to(dev)
+        hits = hit_matrix(on_dev, items, targets)  # (U, K)
+        per_user = compute_metrics(hits, targets.sizes()[on_dev], self.ks, self.metrics, self.compat)
+        check_overlap = exclude is not None and not self._warned
+        overlap = _overlap(on_dev, targets, exclude.to(dev)) if check_overlap else None  # ()
+        result = PerUserResult(
+            users=users.cpu(), metrics=_metrics_to_cpu(per_user), items=items.cpu(), hits=hits.cpu()
+        )
+        n_overlap = int(overlap) if overlap is not None else 0  # read after the results: no extra wait
+        if n_overlap:
+            log.warning("%d target (user, item) pairs are also excluded and can never be hit", n_overlap)
+            self._warned = True
+        return result
 
     def __call__(
         self,
@@ -165,7 +169,9 @@ class TopKEvaluator:
             exclude: per-user items removed from the candidates (training items; at test time
                 ``train.union(val)``), or ``None``.
             prefix: prepended to every key, e.g. ``"val/"``.
-            device: where user ids are sent before ``score_fn``; default: leave them on CPU.
+            device: where user ids are sent before ``score_fn``, and where ``targets`` and
+                ``exclude`` are moved (once per call; not at all if they are there already).
+                Default: the CPU.
             users: evaluate only these users (those with ``|T_u| = 0`` dropped); default: all.
 
         Returns:
@@ -178,9 +184,29 @@ class TopKEvaluator:
         return out
 
 
-def _overlap(users: torch.Tensor, targets: ItemSets, exclude: ItemSets) -> int:
-    """How many of ``users``' target items are also excluded (they can never be hit)."""
-    N = targets.num_items
-    t_row, t_item = targets.rows(users)
-    e_row, e_item = exclude.rows(users)
-    return int(torch.isin(t_row * N + t_item, e_row * N + e_item).sum())
+def _users_with_targets(targets: ItemSets, users: torch.Tensor | None) -> torch.Tensor:
+    """(U,) int64 on the targets' device: ``users`` (default: all, ascending) with ``|T_u| > 0``."""
+    n_true = targets.sizes()  # (num_users,)
+    if users is None:
+        return torch.nonzero(n_true > 0).squeeze(1)
+    users = torch.as_tensor(users, dtype=torch.int64).reshape(-1).to(n_true.device)
+    return users[n_true[users] > 0]
+
+
+def _overlap(users: torch.Tensor, targets: ItemSets, exclude: ItemSets) -> torch.Tensor:
+    """() int64: how many target (user, item) pairs of ``users`` are also excluded (never hit).
+
+    Runs on the sets' device without a host sync; a user listed twice counts once.
+    """
+    chosen = torch.zeros(targets.num_users, dtype=torch.bool, device=targets.indptr.device)
+    chosen[users] = True  # (num_users,)
+    row = targets.row_ids()  # (nnz,)
+    return (chosen[row] & exclude.contains(row, targets.indices)).sum()
+
+
+def _metrics_to_cpu(per_user: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"ndcg@10": (U,) float64, ...}`` moved to the CPU in one copy."""
+    if not per_user:
+        return {}
+    values = torch.stack(list(per_user.values())).cpu()  # (M, U)
+    return dict(zip(per_user, values.unbind(), strict=True))

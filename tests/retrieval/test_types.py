@@ -138,3 +138,29 @@ def test_item_sets_unchanged():
     )
     assert sets.indptr.tolist() == [0, 2, 3, 3] and sets.indices.tolist() == [1, 2, 0]
     assert sets.sizes().tolist() == [2, 1, 0]
+
+
+def _random_item_sets(U: int, N: int, nnz: int, seed: int) -> ItemSets:
+    g = torch.Generator().manual_seed(seed)
+    return ItemSets.from_pairs(
+        torch.randint(0, U, (nnz,), generator=g), torch.randint(0, N, (nnz,), generator=g), U, N
+    )
+
+
+@pytest.mark.parametrize("nnz", [0, 5, 200])
+def test_item_sets_contains_is_set_membership(nnz):
+    sets = _random_item_sets(12, 9, nnz, seed=nnz)
+    users = torch.arange(12).unsqueeze(1)  # (12, 1) broadcast against every item
+    got = sets.contains(users, torch.arange(9).unsqueeze(0))  # (12, 9)
+    rows = [set(sets.indices[sets.indptr[u] : sets.indptr[u + 1]].tolist()) for u in range(12)]
+    assert got.dtype == torch.bool and got.tolist() == [[i in row for i in range(9)] for row in rows]
+
+
+def test_item_sets_rows_with_a_known_output_size():
+    sets = _random_item_sets(20, 15, 120, seed=3)
+    users = torch.tensor([4, 0, 19, 4, 7])
+    row, item = sets.rows(users)
+    n = int(sets.sizes()[users].sum())
+    row_n, item_n = sets.rows(users, output_size=n)
+    assert row.numel() == n and torch.equal(row, row_n) and torch.equal(item, item_n)
+    assert torch.equal(sets.row_ids(), sets.rows(torch.arange(20))[0])

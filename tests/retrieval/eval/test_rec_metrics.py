@@ -184,3 +184,25 @@ def test_torch_geometric_counts_minus_one_padding_as_a_hit_ours_never():
     targets = ItemSets.from_pairs(users, items, 2, 4)
     hits = hit_matrix(torch.arange(2), pred, targets)
     assert not hits.any()
+
+
+@pytest.mark.parametrize("K", [1, 7, 64])
+def test_left_to_right_running_sum_is_the_cpu_cumsum_bit_for_bit(K):
+    """The GPU path of the running sums (DCG, MAP) adds columns in the CPU cumsum's order."""
+    g = torch.Generator().manual_seed(K)
+    x = torch.rand(500, K, generator=g, dtype=torch.float64) / torch.rand(K, generator=g, dtype=torch.float64)
+    assert torch.equal(rm._cumsum_left_to_right(x), torch.cumsum(x, dim=1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_metrics_are_the_cpu_metrics_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    hits = torch.rand(3000, 50, generator=g) < 0.2  # (U, 50)
+    n_true = hits.sum(1) + torch.randint(0, 30, (3000,), generator=g)  # some users have |T_u| = 0
+    ks, compat = (1, 3, 10, 20, 50), list(rm.COMPAT)
+    cpu = rm.compute_metrics(hits, n_true, ks, compat=compat)
+    gpu = rm.compute_metrics(hits.cuda(), n_true.cuda(), ks, compat=compat)
+    assert list(gpu) == list(cpu)
+    for name, values in cpu.items():
+        assert gpu[name].is_cuda and gpu[name].dtype == torch.float64
+        assert torch.equal(gpu[name].cpu(), values), name

@@ -152,3 +152,33 @@ def test_cuda_matches_cpu():
         lambda u: ue_c[u] @ ie_c.T, torch.arange(U), 50, exclude=exclude, chunk_size=64, device="cuda"
     )
     assert torch.equal(cpu[1], gpu[1])
+
+
+def test_nan_in_a_later_chunk_raises():
+    table = torch.rand(6, 5)
+    table[5, 2] = float("nan")  # only the last chunk has it: the check runs once, after the loop
+    with pytest.raises(ValueError, match="NaN"):
+        full_sort_topk(lambda u: table[u], torch.arange(6), 2, exclude=_random_sets(6, 5, 8, 0), chunk_size=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("exclude_on", ["cpu", "cuda"])
+def test_cuda_results_can_stay_on_the_device(exclude_on):
+    U, N, d = 300, 2000, 16
+    g = torch.Generator().manual_seed(0)
+    ue = torch.randint(-3, 4, (U, d), generator=g).float()  # exact dot products, many ties
+    ie = torch.randint(-3, 4, (N, d), generator=g).float()
+    exclude = _random_sets(U, N, 5000, seed=1)
+    cpu = full_sort_topk(lambda u: ue[u] @ ie.T, torch.arange(U), 50, exclude=exclude, chunk_size=64)
+    ue_c, ie_c = ue.cuda(), ie.cuda()
+    gpu = full_sort_topk(
+        lambda u: ue_c[u] @ ie_c.T,
+        torch.arange(U),
+        50,
+        exclude=exclude.to(exclude_on),
+        chunk_size=64,
+        device="cuda",
+        out_device=None,
+    )
+    assert gpu[0].is_cuda and gpu[1].is_cuda
+    assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())

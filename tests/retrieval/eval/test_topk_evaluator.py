@@ -50,11 +50,11 @@ def _brute_force(table, targets, exclude, ks):
     return {name: v / n_users for name, v in sums.items()}, n_users
 
 
-def _problem(seed, U=60, N=35, levels=4):
+def _problem(seed, U=60, N=35, levels=4, n_train=500, n_test=150):
     g = torch.Generator().manual_seed(seed)
     table = torch.randint(0, levels, (U, N), generator=g).float()  # (U, N) few levels: many ties
-    train = _sets(U, N, 500, seed + 10)
-    test = _sets(U, N, 150, seed + 20)
+    train = _sets(U, N, n_train, seed + 10)
+    test = _sets(U, N, n_test, seed + 20)
     # keep test disjoint from train, as a split would
     keep = ~torch.isin(test.row_ids() * N + test.indices, train.row_ids() * N + train.indices)
     test = ItemSets.from_pairs(test.row_ids()[keep], test.indices[keep], U, N)
@@ -160,3 +160,73 @@ def test_user_subsets_match_the_full_run():
         assert torch.equal(v, full.metrics[name][where])
     out = ev(lambda u: table[u], test, train, users=batch)
     assert out["num_users"] == keep.numel()
+
+
+def test_results_are_on_the_cpu_with_the_documented_dtypes():
+    table, train, test = _problem(6)
+    ev = TopKEvaluator(ks=(3, 10), compat=("ndcg_ideal_from_retrieved",))
+    default = ev.per_user(lambda u: table[u], test, train)
+    batch = torch.tensor([9, 2, 40, 2])
+    explicit = ev.per_user(lambda u: table[u], test, train, device="cpu", users=batch)
+    keep = batch[test.sizes()[batch] > 0]
+    assert torch.equal(explicit.users, keep)
+    where = torch.searchsorted(default.users, keep)
+    for res in (default, explicit):
+        assert res.users.dtype == res.items.dtype == torch.int64 and res.hits.dtype == torch.bool
+        assert all(v.dtype == torch.float64 and v.shape == res.users.shape for v in res.metrics.values())
+        assert not any(t.is_cuda for t in (res.users, res.items, res.hits, *res.metrics.values()))
+    assert torch.equal(explicit.items, default.items[where])
+    assert torch.equal(explicit.hits, default.hits[where])
+    for name, values in explicit.metrics.items():
+        assert torch.equal(values, default.metrics[name][where]), name
+
+
+def test_overlap_warning_counts_each_excluded_target_pair_once(caplog):
+    U, N = 5, 6
+    table = torch.rand(U, N)
+    targets = ItemSets.from_pairs(torch.tensor([0, 0, 1, 3, 4]), torch.tensor([1, 2, 2, 5, 0]), U, N)
+    exclude = ItemSets.from_pairs(torch.tensor([0, 1, 3, 4]), torch.tensor([2, 2, 4, 1]), U, N)
+    ev = TopKEvaluator(ks=(2,))
+    with caplog.at_level(logging.WARNING):
+        ev.per_user(lambda u: table[u], targets, exclude, users=torch.tensor([1, 0, 1, 2]))
+        ev.per_user(lambda u: table[u], targets, exclude)  # logged once per evaluator
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 target (user, item) pairs are also excluded and can never be hit"
+    ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sets_on", ["cpu", "cuda"])
+@pytest.mark.parametrize("batch", [False, True])
+def test_cuda_evaluation_is_the_cpu_evaluation_bit_for_bit(sets_on, batch):
+    table, train, test = _problem(7, U=500, N=300, levels=5, n_train=20000, n_test=3000)  # exact scores
+    table_c = table.cuda()
+    users = torch.randperm(500, generator=torch.Generator().manual_seed(0))[:200] if batch else None
+    ev = TopKEvaluator(ks=(1, 5, 20, 50), chunk_size=64, compat=("ndcg_ideal_from_retrieved", "recall_min_k"))
+    cpu = ev.per_user(lambda u: table[u], test, train, users=users)
+    gpu = ev.per_user(
+        lambda u: table_c[u],
+        test.to(sets_on),
+        train.to(sets_on),
+        device="cuda",
+        users=None if users is None else users.cuda(),
+    )
+    for got, want in ((gpu.users, cpu.users), (gpu.items, cpu.items), (gpu.hits, cpu.hits)):
+        assert not got.is_cuda and got.dtype == want.dtype and torch.equal(got, want)
+    assert list(gpu.metrics) == list(cpu.metrics)
+    for name, values in cpu.metrics.items():
+        got = gpu.metrics[name]
+        assert not got.is_cuda and got.dtype == torch.float64 and torch.equal(got, values), name
+    assert ev(lambda u: table_c[u], test, train, device="cuda") == ev(lambda u: table[u], test, train)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sets_on_another_device_than_the_scores():
+    table, train, test = _problem(8, U=500, N=300, levels=5, n_train=20000, n_test=3000)
+    ev = TopKEvaluator(ks=(5, 20), chunk_size=64)
+    cpu = ev.per_user(lambda u: table[u], test, train)
+    # user ids and sets on the GPU, scores on the CPU: the sets follow the scores
+    mixed = ev.per_user(lambda u: table[u.cpu()], test.to("cuda"), train.to("cuda"), device="cuda")
+    assert torch.equal(mixed.items, cpu.items) and torch.equal(mixed.hits, cpu.hits)
+    for name, values in cpu.metrics.items():
+        assert torch.equal(mixed.metrics[name], values), name
