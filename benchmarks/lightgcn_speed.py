@@ -245,7 +245,7 @@ def sparrow(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, datamodule=Tensors())
-    module.eval()
+    module.to(device).eval()  # Lightning's teardown moved it to the CPU at the end of fit
 
     def evaluate() -> None:
         torch.autograd.graph.increment_version(net.embedding.weight)  # drop the cached propagation
