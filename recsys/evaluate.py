@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recsys import checkpoint
-from recsys.train import ConfigError, entry_point, protocol_of
+from recsys.train import USER_ERRORS, ConfigError, entry_point, protocol_of
 from retrieval.eval.plots import write_figures
 from retrieval.eval.report import metrics_table, write_report
 
@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return metrics
 
 
-main = entry_point("evaluate", run)  # python -m recsys.evaluate ckpt_path=... [split=val|test]
+main = entry_point("evaluate", run, USER_ERRORS)  # python -m recsys.evaluate ckpt_path=... [split=val|test]
 
 
 if __name__ == "__main__":

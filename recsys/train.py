@@ -13,13 +13,9 @@ every epoch since the first run (the history travels in the checkpoint).
 from __future__ import annotations
 
 import logging
-import re
-import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -28,38 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 from recsys import checkpoint
 from recsys.checkpoint import CheckpointError, RunInfo
 from recsys.data.splitters import LeakageError
-from retrieval.data.errors import DataFormatError, DatasetNotFoundError
+from retrieval.cli import USER_ERRORS as CLI_ERRORS
+from retrieval.cli import ConfigError, check_overrides, entry_point  # noqa: F401 (re-exported)
 from retrieval.eval.plots import write_figures
 from retrieval.eval.report import metrics_table, write_report
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-class ConfigError(ValueError):
-    """A config value or command-line override that cannot work."""
 
 
 # errors of the user's input: one line on the log and exit code 2, no traceback
-USER_ERRORS = (DataFormatError, DatasetNotFoundError, LeakageError, CheckpointError, ConfigError)
-
-
-def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR) -> None:
-    """Refuse a config-group override (``+experiment=NAME``, ``model=NAME``) naming no file.
-
-    Raises:
-        ConfigError: naming the group, the value and the available options.
-    """
-    for arg in args:
-        m = re.fullmatch(r"\+{0,2}([A-Za-z_][\w/]*)=(.*)", arg)
-        if not m or not (conf_dir / m.group(1)).is_dir() or "(" in m.group(2):
-            continue
-        group, values = m.groups()
-        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-        for value in values.split(","):
-            if value not in options and value != "null":
-                raise ConfigError(f"unknown {group} '{value}' in {arg}; available: {', '.join(options)}")
+USER_ERRORS = (*CLI_ERRORS, LeakageError, CheckpointError)
 
 
 def check_model_config(cfg: DictConfig) -> None:
@@ -190,39 +165,7 @@ def _epoch_of(ckpt: str | None) -> int:
         return int(state.get("epoch", -1))
 
 
-def fail(err: Exception) -> None:
-    """Log ``err`` as one line and exit with code 2 (bad input, not a crash)."""
-    if not logging.getLogger().handlers:  # before Hydra has configured logging
-        logging.basicConfig(format="[%(name)s][%(levelname)s] - %(message)s")
-    log.error("%s", err)
-    sys.exit(2)
-
-
-def entry_point(config_name: str, run_fn: Callable[[DictConfig], object]) -> Callable[[], None]:
-    """A ``python -m`` main over ``conf/<config_name>.yaml``.
-
-    Unknown config-group options fail before Hydra starts, and bad input (:data:`USER_ERRORS`)
-    ends as one log line with exit code 2, never a traceback.
-    """
-
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
-    def _main(cfg: DictConfig) -> None:
-        try:
-            run_fn(cfg)
-        except USER_ERRORS as err:
-            fail(err)
-
-    def main() -> None:
-        try:
-            check_overrides(sys.argv[1:])
-        except ConfigError as err:
-            fail(err)
-        _main()
-
-    return main
-
-
-main = entry_point("train", run)
+main = entry_point("train", run, USER_ERRORS)
 
 
 if __name__ == "__main__":
