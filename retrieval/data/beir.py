@@ -109,18 +109,42 @@ def _lines(path: Path):
                 yield lineno, line
 
 
-def _id(value: object, path: Path, lineno: int, line: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int) or str(value) == "":
-        raise DataFormatError(path, lineno, "'_id' to be a non-empty string or integer", line)
-    return str(value)
+class _Problems:
+    """Bad lines of one file, collected so that the error gives counts, not just the first."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.kinds: dict[str, list[tuple[int, str]]] = {}  # what was expected -> [(line, found)]
+
+    def add(self, expected: str, lineno: int, found: str) -> None:
+        self.kinds.setdefault(expected, []).append((lineno, found))
+
+    def raise_if_any(self) -> None:
+        """One :class:`DataFormatError` at the first bad line, counting every kind of problem."""
+        if not self.kinds:
+            return
+        first = min(lines[0][0] for lines in self.kinds.values())
+        found = next(f for lines in self.kinds.values() for n, f in lines if n == first)
+        parts = [
+            f"{expected} ({len(lines)} line{'s' if len(lines) > 1 else ''} fail: "
+            f"{', '.join(str(n) for n, _ in lines[:5])}{', ...' if len(lines) > 5 else ''})"
+            for expected, lines in self.kinds.items()
+        ]
+        raise DataFormatError(self.path, first, "; ".join(parts), found)
 
 
 def _read_jsonl(path: Path, kind: str, with_title: bool) -> dict[str, list[str]]:
-    """Parse a BEIR corpus or queries file into columns ``id``, ``text`` (and ``title``)."""
+    """Parse a BEIR corpus or queries file into columns ``id``, ``text`` (and ``title``).
+
+    Malformed JSON stops at once. Missing or invalid ``_id``/``text``/``title`` fields,
+    duplicate ids and (for queries) empty texts are collected over the whole file and
+    reported together, with counts and line numbers.
+    """
     ids: list[str] = []
     texts: list[str] = []
     titles: list[str] = []
     first_seen: dict[str, int] = {}
+    problems = _Problems(path)
     for lineno, line in _lines(path):
         try:
             obj = json.loads(line)
@@ -129,31 +153,48 @@ def _read_jsonl(path: Path, kind: str, with_title: bool) -> dict[str, list[str]]
         if not isinstance(obj, dict):
             raise DataFormatError(path, lineno, "a JSON object", line)
         if "_id" not in obj:
-            raise DataFormatError(path, lineno, f"an '_id' field in each {kind}", line)
+            problems.add(f"an '_id' field in each {kind}", lineno, line)
+            continue
+        value = obj["_id"]
+        if isinstance(value, bool) or not isinstance(value, str | int) or str(value) == "":
+            problems.add("'_id' to be a non-empty string or integer", lineno, line)
+            continue
+        key = str(value)
+        text = obj.get("text")
         if "text" not in obj:
-            raise DataFormatError(path, lineno, f"a 'text' field in each {kind}", line)
-        key = _id(obj["_id"], path, lineno, line)
-        text = obj["text"]
-        if not isinstance(text, str):
-            raise DataFormatError(path, lineno, "'text' to be a string", line)
+            problems.add(f"a 'text' field in each {kind}", lineno, line)
+        elif not isinstance(text, str):
+            problems.add("'text' to be a string", lineno, line)
+        elif kind == "query" and not text.strip():
+            problems.add("a non-empty query text", lineno, line)
         if key in first_seen:
-            raise DataFormatError(
-                path, lineno, f"unique {kind} ids ({key!r} is already on line {first_seen[key]})", line
-            )
+            problems.add(f"unique {kind} ids", lineno, f"{key!r} again (first on line {first_seen[key]})")
+            continue
         first_seen[key] = lineno
+        title = obj.get("title") if with_title else ""
+        if title is None:
+            title = ""
+        if not isinstance(title, str):
+            problems.add("'title' to be a string or null", lineno, line)
         ids.append(key)
-        texts.append(text)
-        if with_title:
-            title = obj.get("title")
-            if title is None:
-                title = ""
-            if not isinstance(title, str):
-                raise DataFormatError(path, lineno, "'title' to be a string or null", line)
-            titles.append(title)
+        texts.append(text if isinstance(text, str) else "")
+        titles.append(title if isinstance(title, str) else "")
+    problems.raise_if_any()
+    if kind == "document":
+        _report_empty_documents(path, ids, titles, texts)
     cols = {"id": ids, "text": texts}
     if with_title:
         cols["title"] = titles
     return cols
+
+
+def _report_empty_documents(path: Path, ids: list[str], titles: list[str], texts: list[str]) -> None:
+    """Documents with neither title nor text are kept (they can still be judged) but reported."""
+    pairs = enumerate(zip(titles, texts, strict=True))
+    empty = [i for i, (title, text) in pairs if not (title + text).strip()]
+    if empty:
+        shown = ", ".join(repr(ids[i]) for i in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        log.warning("%s: %d empty document(s) kept (no title, no text): %s", path, len(empty), shown)
 
 
 def _is_int(s: str) -> bool:
@@ -210,11 +251,13 @@ def _build(folder: Path, qrels_path: Path) -> dict[str, pl.DataFrame]:
     queries = _read_jsonl(queries_path, "query", with_title=False)
     qids, dids, scores, linenos = _read_qrels(qrels_path)
     doc_set, query_set = set(corpus["id"]), set(queries["id"])
+    problems = _Problems(qrels_path)
     for qid, did, lineno in zip(qids, dids, linenos, strict=True):
         if qid not in query_set:
-            raise DataFormatError(qrels_path, lineno, f"a query-id present in {queries_path}", qid)
+            problems.add(f"a query-id present in {queries_path}", lineno, qid)
         if did not in doc_set:
-            raise DataFormatError(qrels_path, lineno, f"a corpus-id present in {corpus_path}", did)
+            problems.add(f"a corpus-id present in {corpus_path}", lineno, did)
+    problems.raise_if_any()
     n = len(corpus["id"])
     return {
         "corpus": pl.DataFrame(

@@ -177,6 +177,39 @@ BAD_CASES = {
     "qrels_empty": (R, H, None, "at least one judgement"),
     "qrels_empty_file": (R, "", None, "at least one judgement"),
 }
+# problems are collected over the whole file: the message counts them
+BAD_CASES.update(
+    {
+        "query_empty_text": (
+            Q,
+            jsonl(['{"_id": "q1", "text": "a"}', '{"_id": "q2", "text": " "}']),
+            2,
+            "non-empty",
+        ),
+        "many_missing_ids": (
+            C,
+            jsonl([GOOD[0], '{"text": "x"}', GOOD[2], '{"text": "y"}']),
+            2,
+            "(2 lines fail: 2, 4)",
+        ),
+        "ids_and_duplicates": (
+            C,
+            jsonl([*GOOD, '{"text": "x"}', '{"_id": "d1", "text": "again"}', '{"_id": "d2", "text": "z"}']),
+            4,
+            "unique document ids (2 lines fail: 5, 6)",
+        ),
+        "qrels_unknown_queries": (R, H + "q1\td1\t1\nq7\td1\t1\nq8\td2\t1\n", 3, "(2 lines fail: 3, 4)"),
+    }
+)
+
+
+def test_empty_documents_are_kept_and_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [*GOOD, '{"_id": "d4", "title": "", "text": " "}', '{"_id": "d5", "text": ""}']
+    folder = write(tmp_path / "empty_docs", corpus=jsonl(rows))
+    with caplog.at_level("WARNING"):
+        data = load_beir(str(folder))
+    assert data.num_docs == len(GOOD) + 2
+    assert "2 empty document(s) kept" in caplog.text and "'d4', 'd5'" in caplog.text
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
