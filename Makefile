@@ -4,6 +4,9 @@ STAMP := .venv/.installed
 # Datasets are read in place; a sibling ../shared/datasets is used when present.
 SHARED := $(abspath ../shared/datasets)
 export SPARROW_DATA_DIR ?= $(if $(wildcard $(SHARED)),$(SHARED),)
+# Models likewise: a sibling ../shared/models (splade-tiny) when present.
+SHARED_MODELS := $(abspath ../shared/models)
+export SPARROW_MODEL_DIR ?= $(if $(wildcard $(SHARED_MODELS)),$(SHARED_MODELS),)
 export HF_HUB_OFFLINE ?= 1
 
 .PHONY: setup train test lint clean

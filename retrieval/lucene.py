@@ -1,4 +1,4 @@
-"""Starting the Java virtual machine that Pyserini and Anserini (Lucene) run in.
+"""Pyserini and Anserini (Lucene) from Sparrow: starting their JVM, and helpers shared by Lucene indexes.
 
 Pyserini (Lin et al., *Pyserini: A Python Toolkit for Reproducible Information Retrieval
 Research with Sparse and Dense Representations*, SIGIR 2021, https://github.com/castorini/pyserini)
@@ -168,14 +168,15 @@ def index_collection(
     collection_dir: str | Path,
     index_dir: str | Path,
     collection: str,
+    documents: int,
     threads: int = 1,
     flags: tuple[str, ...] = (),
 ) -> int:
     """Build a Lucene index with Anserini's ``IndexCollection``, as ``python -m pyserini.index.lucene`` does.
 
     The arguments are parsed by Anserini's own parser, so they mean exactly what they mean on
-    Pyserini's command line. Anserini logs and skips a document it fails on rather than
-    stopping; such failures are raised here instead.
+    Pyserini's command line. Anserini logs a failure (e.g. a malformed line, which loses the
+    rest of its file) and goes on; here every document is accounted for or an error is raised.
 
     Args:
         collection_dir: (str | Path) folder of the collection files.
@@ -183,6 +184,7 @@ def index_collection(
             there is replaced).
         collection: (str) Anserini collection class, e.g. ``"JsonCollection"``,
             ``"JsonVectorCollection"``.
+        documents: (int) how many documents the collection holds.
         threads: (int, default 1) indexing threads (one collection file per thread).
         flags: (tuple[str, ...], default ()) further Anserini flags, e.g. ``("-impact", "-pretokenized")``.
 
@@ -191,7 +193,8 @@ def index_collection(
         text, are skipped by Anserini and logged here).
 
     Raises:
-        RuntimeError: Anserini reported errors, or documents it could not read.
+        RuntimeError: Anserini reported errors, or indexed fewer documents than ``documents``
+            (beyond those with nothing to index).
     """
     argv = [
         *("-collection", collection, "-input", str(collection_dir), "-index", str(index_dir)),
@@ -207,10 +210,12 @@ def index_collection(
     indexer.run()
     counters = indexer.getCounters()
     indexed, empty = counters.indexed.get(), counters.empty.get()
-    failed = {"errors": counters.errors.get(), "unindexable": counters.unindexable.get()}
-    failed["skipped"] = counters.skipped.get()
-    if any(failed.values()):
-        raise RuntimeError(f"Anserini failed on documents of {collection_dir}: {failed}; see its log above")
+    failed = {name: getattr(counters, name).get() for name in ("errors", "unindexable", "skipped")}
+    if any(failed.values()) or indexed + empty != documents:
+        raise RuntimeError(
+            f"Anserini indexed {indexed} of the {documents} documents of {collection_dir} ({empty} empty, "
+            f"{failed}); see its log above"
+        )
     if empty:
         log.warning("%d documents of %s have nothing to index; Anserini left them out", empty, collection_dir)
     return indexed

