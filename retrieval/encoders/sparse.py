@@ -136,8 +136,15 @@ def sparsity_stats(doc_vectors: torch.Tensor, query_vectors: torch.Tensor) -> di
     if doc_vectors.shape[1] != query_vectors.shape[1]:
         v_doc, v_query = doc_vectors.shape[1], query_vectors.shape[1]
         raise ValueError(f"vocabularies differ: documents have V={v_doc}, queries V={v_query}")
-    p_doc = _activation_probability(doc_vectors)  # (V,)
-    p_query = _activation_probability(query_vectors)  # (V,)
+    return sparsity_of(activation_probability(doc_vectors), activation_probability(query_vectors))
+
+
+def sparsity_of(p_doc: torch.Tensor, p_query: torch.Tensor) -> dict[str, float]:
+    """:func:`sparsity_stats` from the (V,) activation probabilities of each side.
+
+    An index keeps only ``p_doc`` (:func:`activation_probability` of its documents), which is
+    enough to report FLOPS for any query set later.
+    """
     return {
         "doc_nnz": float(p_doc.sum()),  # sum_j p_j = mean non-zeros per row
         "query_nnz": float(p_query.sum()),
@@ -145,7 +152,7 @@ def sparsity_stats(doc_vectors: torch.Tensor, query_vectors: torch.Tensor) -> di
     }
 
 
-def _activation_probability(vectors: torch.Tensor) -> torch.Tensor:
+def activation_probability(vectors: torch.Tensor) -> torch.Tensor:
     """(V,) float64: the fraction of rows with a non-zero weight on each column."""
     n, vocab = vectors.shape
     active = vectors.col_indices()[vectors.values() != 0].cpu()  # (nnz,) columns of stored non-zeros
