@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from retrieval.data.errors import DataFormatError, DatasetNotFoundError
+from retrieval.index.manifest import IndexFormatError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,12 @@ class ConfigError(ValueError):
 
 
 # errors of the user's input: one line on the log and exit code 2, no traceback
-USER_ERRORS: tuple[type[Exception], ...] = (DataFormatError, DatasetNotFoundError, ConfigError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    DataFormatError,
+    DatasetNotFoundError,
+    ConfigError,
+    IndexFormatError,
+)
 
 
 def check_overrides(args: Sequence[str], conf_dir: Path = CONF_DIR) -> None:

@@ -1,0 +1,163 @@
+"""retrieval.evaluate / retrieval.index / retrieval.search end to end on a BEIR folder never seen before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from retrieval import evaluate as evaluate_cli
+from retrieval import search as search_cli
+from retrieval.cli import CONF_DIR
+from retrieval.index.manifest import MANIFEST
+
+REPO = Path(__file__).resolve().parents[2]
+SPLADE = Path(os.environ.get("SPARROW_MODEL_DIR", REPO.parent / "shared" / "models")) / "splade-tiny"
+
+TOPICS = {
+    "bees": "Honey bees pollinate crops and produce honey in their hives during the summer.",
+    "volcano": "A volcano erupts when magma rises through the crust and lava flows down its slopes.",
+    "insulin": "Insulin is a hormone that lowers blood glucose; diabetes follows when it fails.",
+    "comet": "A comet is an icy body whose tail of gas and dust points away from the sun.",
+    "wheat": "Wheat is a cereal grain milled into flour for bread and pasta around the world.",
+    "glacier": "Glaciers are rivers of ice that carve valleys as they slowly move downhill.",
+}
+QUERIES = {
+    "q1": ("which insects make honey", "bees"),
+    "q2": ("what happens when magma reaches the surface", "volcano"),
+    "q3": ("hormone controlling blood sugar", "insulin"),
+    "q4": ("why does a comet have a tail", "comet"),
+}
+
+
+def _beir_folder(root: Path) -> Path:
+    """Six topics, each with a relevant document and two distractors that share little with it."""
+    root.mkdir(parents=True)
+    (root / "qrels").mkdir()
+    with open(root / "corpus.jsonl", "w") as f:
+        for name, text in TOPICS.items():
+            f.write(json.dumps({"_id": f"{name}-0", "title": name.title(), "text": text}) + "\n")
+            for i in (1, 2):
+                other = f"Notes {i} on {name}: a survey of unrelated municipal budget tables, page {i}."
+                f.write(json.dumps({"_id": f"{name}-{i}", "title": "", "text": other}) + "\n")
+    with open(root / "queries.jsonl", "w") as f:
+        for qid, (text, _) in QUERIES.items():
+            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    with open(root / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for qid, (_, topic) in QUERIES.items():
+            f.write(f"{qid}\t{topic}-0\t1\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def beir_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _beir_folder(tmp_path_factory.mktemp("unseen") / "tinybeir")
+
+
+def _compose(config: str, overrides: list[str], out: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def _evaluate(beir_dir: Path, tmp_path: Path, *overrides: str) -> dict:
+    args = [f"dataset.path={beir_dir}", f"paths.indexes_dir={tmp_path / 'indexes'}", "latency_queries=4"]
+    return evaluate_cli.run(_compose("retrieval_evaluate", [*args, *overrides], tmp_path / "out"))
+
+
+def test_bm25_on_an_unseen_beir_folder(beir_dir: Path, tmp_path: Path) -> None:
+    metrics = _evaluate(beir_dir, tmp_path, "index=bm25")
+    assert metrics["ndcg@10"] == pytest.approx(1.0)  # every relevant document ranks first
+    assert metrics["recall@100"] == 1.0 and metrics["mrr@10"] == 1.0
+    assert metrics["latency_queries"] == 4 and metrics["latency_p99_ms"] >= metrics["latency_median_ms"] > 0
+    assert metrics["index_mb"] > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "bm25 on tinybeir" in report and "self hits dropped: True" in report
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["metrics"]["test"]["ndcg@10"] == metrics["ndcg@10"]
+    assert saved["timings_s"]["build"] > 0
+    run_lines = (tmp_path / "out" / "run.trec").read_text().splitlines()
+    assert run_lines[0].split()[:3] == ["q1", "Q0", "bees-0"]
+    # a second evaluation reuses the index (no build) and gives the same numbers
+    again = _evaluate(beir_dir, tmp_path, "index=bm25")
+    assert again["ndcg@10"] == metrics["ndcg@10"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["timings_s"]["build"] == 0.0
+
+
+@pytest.mark.parametrize("query", ["splade", "idf"])
+def test_splade_impact_and_exact_scoring_agree(beir_dir: Path, tmp_path: Path, query: str) -> None:
+    model = f"index.encoder.model={SPLADE}"
+    exact = _evaluate(beir_dir, tmp_path, "index=sparse_torch", f"index.query={query}", model)
+    impact = _evaluate(beir_dir, tmp_path, "index=impact", f"index.query={query}", model)
+    assert exact["ndcg@10"] > 0.7  # splade-tiny finds the topical documents
+    assert abs(impact["ndcg@10"] - exact["ndcg@10"]) <= 0.002
+    assert exact["avg_doc_nnz"] > exact["avg_query_nnz"] > 0 and exact["flops"] > 0
+    # impact and sparse_torch share one encoding of the corpus
+    assert len(list((tmp_path / "indexes" / "tinybeir" / ".encodings").iterdir())) == 1
+    if query == "idf":
+        assert (tmp_path / "indexes" / "tinybeir" / "sparse_torch" / "idf.json").is_file()
+
+
+def test_search_writes_a_trec_run(beir_dir: Path, tmp_path: Path) -> None:
+    _evaluate(beir_dir, tmp_path, "index=bm25")
+    run_file = tmp_path / "bm25.trec"
+    args = [f"dataset.path={beir_dir}", f"paths.indexes_dir={tmp_path / 'indexes'}", f"run_file={run_file}"]
+    result = search_cli.run(_compose("retrieval_search", [*args, "index=bm25"], tmp_path / "s"))
+    assert set(result) == set(QUERIES)
+    assert run_file.read_text().splitlines()[0].startswith("q1 Q0 bees-0 1 ")
+
+
+def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", module, *args, f"hydra.run.dir={cwd / 'run'}"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert expected in out and "Traceback" not in out, out
+
+
+def test_a_half_built_index_is_refused(beir_dir: Path, tmp_path: Path) -> None:
+    index = tmp_path / "indexes" / "tinybeir" / "bm25"
+    index.mkdir(parents=True)
+    (index / "segments_1").write_text("partial")
+    proc = _cli("retrieval.evaluate", f"dataset.path={beir_dir}", f"paths.indexes_dir={tmp_path / 'indexes'}",
+                cwd=tmp_path)  # fmt: skip
+    _one_line_error(proc, f"{index}: no {MANIFEST}; this is not a finished Sparrow index")
+
+
+def test_an_index_of_another_corpus_is_refused(beir_dir: Path, tmp_path: Path) -> None:
+    _evaluate(beir_dir, tmp_path, "index=bm25")
+    other = _beir_folder(tmp_path / "other" / "tinybeir")
+    with open(other / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "extra", "text": "one more document"}) + "\n")
+    proc = _cli("retrieval.evaluate", f"dataset.path={other}", f"paths.indexes_dir={tmp_path / 'indexes'}",
+                cwd=tmp_path)  # fmt: skip
+    _one_line_error(proc, "pass overwrite=true to rebuild it")
+
+
+def test_unknown_index_lists_the_available_ones(tmp_path: Path) -> None:
+    proc = _cli("retrieval.index", "+index=bm52", cwd=tmp_path)
+    _one_line_error(proc, "unknown index 'bm52' in +index=bm52; available: bm25, faiss, impact, sparse_torch")
+
+
+def test_index_job_builds_with_a_manifest(beir_dir: Path, tmp_path: Path) -> None:
+    proc = _cli("retrieval.index", "+index=bm25", f"dataset.path={beir_dir}", f"index_dir={tmp_path / 'ix'}",
+                cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = json.loads((tmp_path / "ix" / MANIFEST).read_text())
+    assert manifest["kind"] == "bm25" and manifest["num_docs"] == 18
+    assert not (tmp_path / "ix.partial").exists()
