@@ -105,13 +105,15 @@ def vocab_checksum(vocab: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(vocab), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _check_for_lucene(vocab: Sequence[str], weights: torch.Tensor, what: str) -> None:
+def _check_for_lucene(
+    vocab: Sequence[str], weights: torch.Tensor, what: str, check_unique: bool = True
+) -> None:
     """Refuse what a Lucene impact index cannot hold (the ValueErrors of :func:`build_impact`)."""
     if len(vocab) != weights.shape[1]:
         raise ValueError(
             f"{what} have V={weights.shape[1]} columns but the vocabulary has {len(vocab)} tokens"
         )
-    if len(set(vocab)) != len(vocab):
+    if check_unique and len(set(vocab)) != len(vocab):
         raise ValueError("the vocabulary repeats a token string; two columns would become one Lucene term")
     for token_id in torch.unique(weights.col_indices()).tolist():
         token = vocab[token_id]
@@ -240,6 +242,7 @@ class ImpactSearcher:
             raise IndexFormatError(f"{self.index_dir}: impact manifest has no quantization_scale; rebuild it")
         self.scale = float(self.manifest.quantization_scale)
         self._searcher = java_class("io.anserini.search.SimpleImpactSearcher")(str(self.index_dir))
+        self._checked_vocab: Sequence[str] | None = None  # the last vocabulary found to match the index
 
     def _check_vocab_matches(self, vocab: Sequence[str]) -> None:
         expected = self.manifest.extra.get("vocab_sha256")
@@ -296,8 +299,10 @@ class ImpactSearcher:
             raise ValueError(f"{len(query_ids)} query ids for {weights.shape[0]} query vectors")
         if len(set(query_ids)) != len(query_ids):
             raise ValueError("query ids are not unique; their results would overwrite each other")
-        self._check_vocab_matches(vocab)
-        _check_for_lucene(vocab, weights, "query vectors")
+        if vocab is not self._checked_vocab:  # hashing 30k tokens per call would dominate latency
+            self._check_vocab_matches(vocab)
+        _check_for_lucene(vocab, weights, "query vectors", check_unique=vocab is not self._checked_vocab)
+        self._checked_vocab = vocab
         qids = java_class("java.util.ArrayList")()
         for qid in query_ids:
             qids.add(qid)
