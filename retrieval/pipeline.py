@@ -164,7 +164,7 @@ def _build_faiss(cfg, doc_ids, texts, index_dir, encoding_dir, corpus_path, over
 
     encoder = dense_encoder(cfg)
     vectors = encode_dense_in_shards(encoder, texts, encoding_dir, shard_size=cfg.shard_size)  # (D, d)
-    extra = {"nprobe": cfg.index.nprobe, "ef_search": cfg.index.ef_search}
+    searched = {k: v for k, v in (("nprobe", cfg.index.nprobe), ("ef_search", cfg.index.ef_search)) if v}
     return build_faiss(
         doc_ids,
         vectors,
@@ -176,7 +176,7 @@ def _build_faiss(cfg, doc_ids, texts, index_dir, encoding_dir, corpus_path, over
         tokenizer=encoder.name,
         corpus_path=corpus_path,
         overwrite=overwrite,
-        extra=extra,
+        **searched,
     )
 
 

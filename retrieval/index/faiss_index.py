@@ -14,7 +14,10 @@ A document ``d`` with vector :math:`v_d` is scored for a query vector :math:`q` 
 
 so that, as everywhere in Sparrow, a higher score ranks higher. ``Flat`` computes every score
 exactly; ``HNSW32`` and ``IVF`` indexes return approximately the same top-k, faster, trading
-recall for speed through ``efSearch`` and ``nprobe``.
+recall for speed through ``efSearch`` and ``nprobe``. HNSW's candidate list is raised to ``k``
+when it is shorter (hnswlib's rule): faiss does not do this itself, and with ``efSearch < k`` it
+returns fewer than ``k`` documents and a tail far from the exact ranking (on NFCorpus with
+MiniLM, ``efSearch=16`` and ``k=1000`` gave 428 documents on average, 31% of the exact top 1000).
 
 An index directory holds ``index.faiss`` (the index, written by ``faiss.write_index``),
 ``doc_ids.json`` (row ``i`` of the index is document ``doc_ids[i]``) and ``manifest.json``
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -34,7 +38,14 @@ import numpy as np
 import torch
 
 from retrieval.eval.report import atomic_write_text
-from retrieval.index.manifest import IndexFormatError, Manifest, building, checksum, read_manifest, write_manifest
+from retrieval.index.manifest import (
+    IndexFormatError,
+    Manifest,
+    building,
+    checksum,
+    read_manifest,
+    write_manifest,
+)
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)
@@ -42,7 +53,11 @@ log = logging.getLogger(__name__)
 KIND = "faiss"
 INDEX_FILE = "index.faiss"
 DOC_IDS_FILE = "doc_ids.json"
+SHARDS = (
+    "shards"  # encode_dense_in_shards' folder inside the work directory; removed once the index is written
+)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+FAISS_NAMES = {"nprobe": "nprobe", "ef_search": "efSearch"}  # search setting -> faiss.ParameterSpace name
 
 
 def _as_matrix(vectors: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
@@ -57,12 +72,12 @@ def _as_matrix(vectors: torch.Tensor | np.ndarray, what: str) -> np.ndarray:
 
 
 def _tunable(index: faiss.Index) -> set[str]:
-    """The search-time settings that apply to ``index``: ``"nprobe"`` (IVF), ``"efSearch"`` (HNSW)."""
+    """The search settings that apply to ``index``: ``nprobe`` (IVF), ``ef_search`` (HNSW)."""
     names = set()
     if faiss.try_extract_index_ivf(index) is not None:
         names.add("nprobe")
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
-        names.add("efSearch")
+        names.add("ef_search")
     return names
 
 
@@ -78,7 +93,7 @@ def _to_gpu(index: faiss.Index) -> tuple[faiss.Index, object | None]:
     try:
         return faiss.index_cpu_to_gpu(resources, 0, index), resources
     except RuntimeError as err:  # e.g. HNSW, which faiss only has on the CPU
-        log.info("building on the CPU: faiss has no GPU version of this index (%s)", str(err).splitlines()[-1])
+        log.info("building on the CPU, faiss has no GPU version of this index: %s", str(err).splitlines()[-1])
         return index, None
 
 
@@ -119,10 +134,12 @@ def build_faiss(
     """Build a faiss index of document vectors in ``out_dir``, atomically.
 
     Everything is written into ``<out_dir>.partial`` (:func:`~retrieval.index.manifest.building`),
-    the manifest last, and renamed into place only when complete. With a GPU (``faiss-gpu``
-    installed and ``faiss.get_num_gpus() > 0``) training and adding run on GPU 0 where faiss
-    has a GPU version of the index (Flat, IVF; not HNSW); the index is moved back to the CPU
-    to be written.
+    the manifest last, and renamed into place only when complete; a ``shards/`` folder left there
+    by :func:`retrieval.encoders.dense.encode_dense_in_shards` is removed before the manifest.
+
+    With a GPU (``faiss-gpu`` installed and ``faiss.get_num_gpus() > 0``) training and adding
+    run on GPU 0 where faiss has a GPU version of the index (Flat, IVF; not HNSW); the index is
+    moved back to the CPU to be written.
 
     Args:
         doc_ids: (list[str]) document ids, row ``i`` of ``vectors`` is ``doc_ids[i]``; unique.
@@ -140,8 +157,8 @@ def build_faiss(
         train_seed: (int) seed of IVF's k-means. Default: 0.
         nprobe: (int) IVF lists visited per query, the searcher's default (IVF indexes only).
             Default: 32.
-        ef_search: (int) HNSW candidate list size, the searcher's default (HNSW only; faiss
-            uses at least ``k``). Default: 128.
+        ef_search: (int) HNSW candidate list size, the searcher's default (HNSW only; raised
+            to ``k`` at search time when smaller). Default: 128.
 
     Returns:
         the manifest written.
@@ -162,12 +179,11 @@ def build_faiss(
         raise ValueError(f"corpus_path {corpus_path} is not a file (pass the corpus file, e.g. corpus.jsonl)")
     start = time.perf_counter()
     dim = matrix.shape[1]
-    index = faiss.index_factory(dim, factory, METRICS[metric])
-    index = _train_and_add(index, matrix, train_seed)
-    settings = {"nprobe": nprobe, "efSearch": ef_search}
-    extra = {"factory": factory, "metric": metric, "dim": dim, "train_seed": train_seed}
-    extra.update({name: settings[name] for name in sorted(_tunable(index))})
-    with building(out_dir, overwrite=overwrite) as work:
+    with building(out_dir, overwrite=overwrite) as work:  # refuses an existing out_dir before any work
+        index = _train_and_add(faiss.index_factory(dim, factory, METRICS[metric]), matrix, train_seed)
+        settings = {"nprobe": nprobe, "ef_search": ef_search}
+        extra = {"factory": factory, "metric": metric, "dim": dim, "train_seed": train_seed}
+        extra.update({name: settings[name] for name in sorted(_tunable(index))})
         faiss.write_index(index, str(work / INDEX_FILE))
         atomic_write_text(work / DOC_IDS_FILE, json.dumps(list(doc_ids)) + "\n")
         manifest = Manifest(
@@ -181,6 +197,7 @@ def build_faiss(
             build_seconds=time.perf_counter() - start,
             extra=extra,
         )
+        shutil.rmtree(work / SHARDS, ignore_errors=True)
         write_manifest(work, manifest)
     log.info("faiss %s index of %d x %d vectors (%s) in %s", factory, len(matrix), dim, metric, out_dir)
     return manifest
@@ -199,8 +216,8 @@ class FaissSearcher:
         index_dir: (str | Path) the index directory.
         nprobe: (int | None) IVF lists visited per query; ``None``: the value stored at build
             time. IVF indexes only. Default: ``None``.
-        ef_search: (int | None) HNSW candidate list size; ``None``: the value stored at build
-            time. HNSW indexes only. Default: ``None``.
+        ef_search: (int | None) HNSW candidate list size, raised to ``k`` when smaller;
+            ``None``: the value stored at build time. HNSW indexes only. Default: ``None``.
         threads: (int | None) OpenMP threads for faiss (``faiss.omp_set_num_threads``, a
             process-wide setting); ``None`` leaves faiss's setting. Default: ``None``.
 
@@ -232,21 +249,20 @@ class FaissSearcher:
             )
         self.dim = self.index.d
         self.metric = self.manifest.extra.get("metric", "ip")
-        self._set_search_parameters({"nprobe": nprobe, "efSearch": ef_search})
+        self._set_search_parameters({"nprobe": nprobe, "ef_search": ef_search})
         if threads is not None:
             faiss.omp_set_num_threads(threads)
 
     def _set_search_parameters(self, given: dict[str, int | None]) -> None:
-        """Apply ``nprobe``/``efSearch``: the given value, else the manifest's, else faiss's default."""
+        """Apply ``nprobe``/``ef_search``: the given value, else the manifest's, else faiss's default."""
         tunable = _tunable(self.index)
         for name, value in given.items():
             if value is not None and name not in tunable:
-                raise ValueError(
-                    f"{name} does not apply to the {self.manifest.extra.get('factory')} index at {self.index_dir}"
-                )
+                factory = self.manifest.extra.get("factory")
+                raise ValueError(f"{name} does not apply to the {factory} index at {self.index_dir}")
             value = value if value is not None else self.manifest.extra.get(name)
             if value is not None:
-                faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+                faiss.ParameterSpace().set_index_parameter(self.index, FAISS_NAMES[name], value)
 
     def search(self, query_ids: list[str], query_vectors: torch.Tensor | np.ndarray, k: int = 1000) -> Run:
         """The top ``k`` documents of every query.
@@ -277,10 +293,17 @@ class FaissSearcher:
             raise ValueError(f"{len(query_ids)} query ids but {len(queries)} query vectors")
         if len(set(query_ids)) != len(query_ids):
             raise ValueError("query ids are not unique")
-        scores, rows = self.index.search(queries, min(k, self.index.ntotal))  # (n, k), (n, k)
+        k = min(k, self.index.ntotal)
+        scores, rows = self.index.search(queries, k, params=self._call_parameters(k))  # (n, k), (n, k)
         if self.metric == "l2":
             scores = -scores  # squared distance -> higher is better
         return Run({qid: self._ranking(s, r) for qid, s, r in zip(query_ids, scores, rows, strict=True)})
+
+    def _call_parameters(self, k: int) -> faiss.SearchParameters | None:
+        """Per-call settings: HNSW's efSearch raised to ``k`` (hnswlib's rule); ``None`` otherwise."""
+        if "ef_search" not in _tunable(self.index):
+            return None
+        return faiss.SearchParametersHNSW(efSearch=max(faiss.downcast_index(self.index).hnsw.efSearch, k))
 
     def _ranking(self, scores: np.ndarray, rows: np.ndarray) -> dict[str, float]:
         """One query's ``{doc id: score}`` from faiss's (k,) scores and rows (row -1: no result)."""
@@ -288,5 +311,5 @@ class FaissSearcher:
         return {ids[r]: s for r, s in zip(rows.tolist(), scores.tolist(), strict=True) if r >= 0}
 
     def __repr__(self) -> str:
-        extra = self.manifest.extra
-        return f"FaissSearcher({str(self.index_dir)!r}, factory={extra.get('factory')!r}, docs={self.index.ntotal})"
+        factory = self.manifest.extra.get("factory")
+        return f"FaissSearcher({str(self.index_dir)!r}, factory={factory!r}, docs={self.index.ntotal})"

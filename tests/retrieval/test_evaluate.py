@@ -161,3 +161,11 @@ def test_index_job_builds_with_a_manifest(beir_dir: Path, tmp_path: Path) -> Non
     manifest = json.loads((tmp_path / "ix" / MANIFEST).read_text())
     assert manifest["kind"] == "bm25" and manifest["num_docs"] == 18
     assert not (tmp_path / "ix.partial").exists()
+
+
+def test_dense_faiss_on_an_unseen_beir_folder(beir_dir: Path, tmp_path: Path) -> None:
+    metrics = _evaluate(beir_dir, tmp_path, "index=faiss")
+    assert metrics["ndcg@10"] > 0.9  # MiniLM puts each topical document first
+    assert "flops" not in metrics and metrics["index_mb"] > 0
+    hnsw = _evaluate(beir_dir, tmp_path, "index=faiss", "index.factory=HNSW32", "overwrite=true")
+    assert hnsw["ndcg@10"] == pytest.approx(metrics["ndcg@10"])
