@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from retrieval.encoders.inference_free import InferenceFreeQueryEncoder
 
-MODEL = Path(__file__).resolve().parents[4] / "shared" / "models" / "splade-tiny"
+SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
+MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
 
 # every word below is a single word-piece of the BERT-uncased vocabulary
 CORPUS = ["the cat sat", "the dog barked at the cat", "a cat and a cat", "dogs bark"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from retrieval.encoders.sparse import (
 from retrieval.encoders.splade import SpladeEncoder
 from retrieval.index.manifest import IndexFormatError
 
-MODEL = Path(__file__).resolve().parents[4] / "shared" / "models" / "splade-tiny"
+SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
+MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
 
 TEXTS = [
     f"query number {i} about {topic}" for i, topic in enumerate(["cells", "genes", "vitamin d", "cancer"] * 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from retrieval.encoders.splade import SpladeEncoder, prune_weights
 
-MODEL = Path(__file__).resolve().parents[4] / "shared" / "models" / "splade-tiny"
+SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
+MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
 
 TEXTS = [
     "Vitamin D deficiency is associated with an increased risk of fractures in older adults.",

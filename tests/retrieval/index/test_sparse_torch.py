@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from retrieval.index.manifest import MANIFEST, IndexFormatError, Manifest, parti
 from retrieval.index.sparse_torch import SparseTorchSearcher, build_sparse_torch
 from retrieval.types import Qrels
 
-MODEL = Path(__file__).resolve().parents[4] / "shared" / "models" / "splade-tiny"
+SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
+MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
 NUM_QUERIES = 50  # test queries of the SciFact subset
 NUM_DISTRACTORS = 150  # random unjudged documents added to the judged ones
 
