@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _bench import cpu_model, publish  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 SYSTEMS = {
@@ -104,14 +106,11 @@ def main() -> None:
     results = {
         (s, d): evaluate(d, s, args.indexes, args.threads) for d in args.datasets for s in args.systems
     }
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-    )
     text = "\n".join(
         [
             f"## beir_table.py, {dt.datetime.now().isoformat(timespec='seconds')}",
             "",
-            f"- machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu}), no GPU used",
+            f"- machine: {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), no GPU used",
             f"- command: `python benchmarks/beir_table.py --datasets {' '.join(args.datasets)} "
             f"--systems {' '.join(args.systems)}`",
             "- each cell: `python -m retrieval.evaluate dataset.name=D index=...`",
@@ -124,9 +123,7 @@ def main() -> None:
             "",
         ]
     )
-    sys.stdout.write(text + "\n")
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n" + text)
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from _bench import cpu_model  # noqa: E402
+
 from retrieval.data.beir import BeirData, load_beir
 from retrieval.eval.retrieval_evaluator import RetrievalEvaluator
 from retrieval.index.bm25 import BM25Searcher, build_bm25
@@ -50,17 +52,6 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 MEASURES = ("ndcg_cut.10", "recall.100", "recall.1000", "recip_rank")
 TREC_NAMES = {"ndcg_cut_10": "ndcg@10", "recall_100": "recall@100", "recall_1000": "recall@1000"}
 TREC_NAMES["recip_rank"] = "mrr"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def pyserini_cli_run(index_dir: Path, queries: dict[str, str], work: Path, k: int, threads: int) -> Path:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import cpu_model  # noqa: E402
 
 from retrieval.eval.topk import full_sort_topk, topk_with_id_ties
 from retrieval.types import ItemSets
@@ -53,17 +54,6 @@ def _mem_available_kb() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1])
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _setup(users: int, items: int, dim: int, train_pairs: int) -> tuple[torch.Tensor, torch.Tensor, ItemSets]:
@@ -211,7 +201,7 @@ def main() -> None:
     lines = [
         f"## full_sort.py, {dt.datetime.now().isoformat(timespec='seconds')}",
         "",
-        f"- machine: `{platform.uname().machine}`, nproc {os.cpu_count()}, CPU: {_cpu_model()}, "
+        f"- machine: `{platform.uname().machine}`, nproc {os.cpu_count()}, CPU: {cpu_model()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
         f"- command: `{command.strip()}`",
         f"- load average at start: {os.getloadavg()[0]:.2f} (the machine may be shared; timings are noisy)",

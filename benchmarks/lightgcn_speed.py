@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _bench import cpu_model, publish  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -363,16 +364,13 @@ def cpu_main(args: argparse.Namespace) -> str:
 
         fit = json.loads((out / "metrics.json").read_text())["timings_s"]["fit"]
         rows.append((exp, fit / args.epochs))
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-    )
     table = ["| experiment | s / epoch (incl. validation) |", "|---|---:|"]
     table += [f"| {e} | {t:.2f} |" for e, t in rows]
     return "\n".join(
         [
             f"## lightgcn_speed.py cpu, {dt.datetime.now().isoformat(timespec='seconds')}",
             "",
-            f"- machine: {machine()}, CPU {cpu}, torch threads {torch.get_num_threads()}",
+            f"- machine: {machine()}, CPU {cpu_model()}, torch threads {torch.get_num_threads()}",
             f"- command: `python benchmarks/lightgcn_speed.py cpu --epochs {args.epochs}`",
             "",
             *table,
@@ -406,9 +404,7 @@ def main() -> None:
         prepare(args.out)
         return
     text = gpu_main(args) if args.cmd == "gpu" else cpu_main(args)
-    sys.stdout.write(text + "\n")
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n" + text)
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

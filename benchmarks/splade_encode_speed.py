@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _bench import publish  # noqa: E402
+
 from retrieval.encoders.splade import SpladeEncoder  # noqa: E402
 
 WORDS = ["protein", "cell", "gene", "tumor", "virus", "binding", "receptor", "expression"]
@@ -66,9 +68,7 @@ def main() -> None:
             "",
         ]
     )
-    sys.stdout.write(text + "\n")
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n" + text)
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from recsys import checkpoint
 from recsys.checkpoint import CheckpointError, RunInfo
 from recsys.data.splitters import LeakageError
 from retrieval.cli import USER_ERRORS as CLI_ERRORS
-from retrieval.cli import ConfigError, check_overrides, entry_point  # noqa: F401 (re-exported)
+from retrieval.cli import ConfigError, entry_point
 from retrieval.eval.plots import write_figures
 from retrieval.eval.report import metrics_table, write_report
 

@@ -221,7 +221,7 @@ def test_bad_sizes_are_rejected_at_config_time(override: str, message: str, tmp_
 
 
 def test_unknown_config_option_lists_the_available_ones() -> None:
-    from recsys.train import ConfigError, check_overrides
+    from retrieval.cli import ConfigError, check_overrides
 
     check_overrides(
         ["+experiment=bpr_ml100k", "model=bpr_mf,lightgcn", "trainer.max_epochs=3", "data.root=x"]

@@ -1,0 +1,28 @@
+"""What every benchmark script shares: the machine it ran on, and the append-only results log."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def publish(text: str, results: Path = RESULTS) -> None:
+    """Print a result section and append it to the results log."""
+    sys.stdout.write(text + "\n")
+    with open(results, "a", encoding="utf-8") as f:
+        f.write("\n" + text)
