@@ -1,0 +1,1 @@
+"""Training of learned sparse retrievers: multi-process helpers and training loops."""
