@@ -13,10 +13,12 @@ from tqdm.auto import tqdm
 from retrieval.encoders.sparse import check_texts, csr_from_coo
 from retrieval.eval.topk import topk_with_id_ties
 from retrieval.index.manifest import checksum
+from retrieval.models import load_sparse_model
 
 log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BATCHES = 8  # progress=None shows a bar only for inputs of at least this many batches
+_SORT_CHUNK = 10_000  # texts tokenized, sorted by length and batched together (bounds memory)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -115,17 +117,8 @@ def prune_weights(weights: torch.Tensor, top_k: int | None = None, prune_ratio: 
     return weights
 
 
-def _transformers():
-    """``(AutoModelForMaskedLM, AutoTokenizer)``, imported lazily with an install hint."""
-    try:
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
-    except ImportError as err:
-        raise ImportError("SPLADE encoders need Hugging Face transformers: pip install transformers") from err
-    return AutoModelForMaskedLM, AutoTokenizer
-
-
 class SpladeEncoder:
-    r"""SPLADE sparse encoder over any Hugging Face masked language model.
+    r"""SPLADE sparse encoder over any Hugging Face masked language model, or a Sparrow echo model.
 
     Formal, Piwowarski, Clinchant. *SPLADE: Sparse Lexical and Expansion Model for First Stage
     Ranking*. SIGIR 2021. https://arxiv.org/abs/2107.05720 -- with the max pooling of SPLADE v2
@@ -140,14 +133,22 @@ class SpladeEncoder:
     encoder serves queries and documents (the "siamese" setting); a query-document score is
     the dot product of their vectors.
 
-    Texts are tokenized once, sorted by token count (longest first) and batched, so that a batch
-    holds texts of similar length and little padding; rows come back in input order.
+    The model is opened with :func:`retrieval.models.load_sparse_model`: a masked LM gives
+    :class:`~retrieval.models.SpladeMLM`, a causal LM (or a directory whose ``sparrow.json``
+    says so) :class:`~retrieval.models.SpladeEcho`, which reads each text twice and pools the
+    second copy. The pooling is chunked over the vocabulary, so the ``(B, L, V)`` logits are
+    never held at once.
+
+    Texts are tokenized by the model's ``tokenize`` in chunks of 10,000, sorted by token count
+    within a chunk (longest first) and batched, so that a batch holds texts of similar length and
+    little padding; rows come back in input order.
 
     Args:
-        model: (str | Path) a local model directory or a hub id with an MLM head
-            (``AutoModelForMaskedLM``) and its tokenizer.
+        model: (str | Path) a local model directory or a hub id: a masked LM
+            (``AutoModelForMaskedLM``), a causal LM, or a model saved by Sparrow; with its tokenizer.
         max_length: (int, default 256) word-pieces per text, special tokens included; longer
-            texts are truncated.
+            texts are truncated (an echo model's input holds two copies of at most
+            ``(max_length - 1) // 2`` pieces each).
         batch_size: (int, default 32) texts per forward pass.
         device: (str | None, default None) ``None`` picks ``cuda`` when available, else ``cpu``.
         zero_special_tokens: (bool, default True) set the weights of the tokenizer's special
@@ -157,12 +158,16 @@ class SpladeEncoder:
             (ties at the cut: lower vocabulary id kept).
         prune_ratio: (float | None, default None) keep only weights ``>= prune_ratio * max``
             of the vector, ``0 < prune_ratio <= 1``.
+        chunk_size: (int | None, default 4096) vocabulary rows per pooling chunk; ``None`` pools
+            through the full logits.
 
     Attributes:
         name: (str) the model's absolute directory, or its hub id (what manifests record).
         tokenizer_name: (str) the tokenizer's name: the model's, since it is loaded from there.
         checksum: (str) sha256 over the model's weight files, sorted by name.
         vocab: (list[str]) column ``j`` of the vectors is token ``vocab[j]``.
+        sparse_model: (SpladeMLM | SpladeEcho) the SPLADE module.
+        model: the Hugging Face model inside it (``model(...).logits`` are the full logits).
     """
 
     def __init__(
@@ -174,8 +179,8 @@ class SpladeEncoder:
         zero_special_tokens: bool = True,
         top_k: int | None = None,
         prune_ratio: float | None = None,
+        chunk_size: int | None = 4096,
     ):
-        AutoModelForMaskedLM, AutoTokenizer = _transformers()
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for special tokens), got {max_length}")
         if batch_size < 1:
@@ -184,6 +189,8 @@ class SpladeEncoder:
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if prune_ratio is not None and not 0 < prune_ratio <= 1:
             raise ValueError(f"prune_ratio must be in (0, 1] or None, got {prune_ratio}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.name = model_name(model)
         self.tokenizer_name = self.name
         directory = model_dir(model)
@@ -193,13 +200,23 @@ class SpladeEncoder:
         self.device = resolve_device(device)
         self.top_k = top_k
         self.prune_ratio = prune_ratio
-        self.tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.model = AutoModelForMaskedLM.from_pretrained(directory).to(self.device).eval()
-        self.vocab_size = self.model.config.vocab_size
+        self.sparse_model = (
+            load_sparse_model(directory, chunk_size, zero_special_tokens).to(self.device).eval()
+        )
+        self.model = self.sparse_model.model
+        self.tokenizer = self.sparse_model.tokenizer
+        self.vocab_size = self.sparse_model.vocab_size
         self.vocab = vocabulary(self.tokenizer, self.vocab_size)
-        special = sorted(set(self.tokenizer.all_special_ids)) if zero_special_tokens else []
+        special = self.sparse_model.special_ids if zero_special_tokens else []
         self.special_ids = torch.tensor(special, dtype=torch.int64, device=self.device)
-        log.info("SPLADE %s on %s, V=%d, max_length=%d", self.name, self.device, self.vocab_size, max_length)
+        log.info(
+            "SPLADE %s (%s) on %s, V=%d, max_length=%d",
+            self.name,
+            self.sparse_model.kind,
+            self.device,
+            self.vocab_size,
+            max_length,
+        )
 
     def encode(self, texts: Sequence[str], progress: bool | None = None) -> torch.Tensor:
         """Encode texts into SPLADE vectors.
@@ -217,32 +234,43 @@ class SpladeEncoder:
         """
         texts = check_texts(texts)
         start = time.perf_counter()
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length) if texts else {}
-        lengths = [len(ids) for ids in encoded.get("input_ids", [])]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # longest first, stable
-        n_batches = -(-len(texts) // self.batch_size)
+        chunks = range(0, len(texts), _SORT_CHUNK)
+        n_batches = sum(-(-min(_SORT_CHUNK, len(texts) - lo) // self.batch_size) for lo in chunks)
         disable = (None if n_batches >= _PROGRESS_MIN_BATCHES else True) if progress is None else not progress
         empty = torch.zeros(0, dtype=torch.int64)
         rows, cols, values = [empty], [empty], [torch.zeros(0)]  # COO triples, rows in input order
-        for b in tqdm(range(n_batches), disable=disable, desc="SPLADE", unit="batch"):
-            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            features = [{key: column[i] for key, column in encoded.items()} for i in batch]
-            weights = self._encode_batch(self.tokenizer.pad(features, return_tensors="pt"))  # (B, V)
-            row, col = weights.nonzero(as_tuple=True)  # (nnz,) each
-            rows.append(torch.tensor(batch)[row.cpu()])
-            cols.append(col.cpu())
-            values.append(weights[row, col].cpu())
+        with tqdm(total=n_batches, disable=disable, desc="SPLADE", unit="batch") as bar:
+            for batch, inputs in self._batches(texts):
+                weights = self._encode_batch(inputs)  # (B, V)
+                row, col = weights.nonzero(as_tuple=True)  # (nnz,) each
+                rows.append(batch[row.cpu()])
+                cols.append(col.cpu())
+                values.append(weights[row, col].cpu())
+                bar.update()
         seconds = time.perf_counter() - start
         rate = len(texts) / max(seconds, 1e-9)
         log.info("SPLADE encoded %d texts in %.1f s (%.1f texts/s)", len(texts), seconds, rate)
         shape = (len(texts), self.vocab_size)
         return csr_from_coo(torch.cat(rows), torch.cat(cols), torch.cat(values), shape)  # (n, V)
 
+    def _batches(self, texts: list[str]):
+        """Yield ``(rows, inputs)``: (B,) input positions and the padded batch, longest texts first.
+
+        Texts are tokenized ``_SORT_CHUNK`` at a time (padded on the right), sorted by length
+        within the chunk, and each batch is cut to its longest text.
+        """
+        for lo in range(0, len(texts), _SORT_CHUNK):
+            encoded = self.sparse_model.tokenize(texts[lo : lo + _SORT_CHUNK], self.max_length)
+            lengths = encoded["attention_mask"].sum(dim=1)  # (n,)
+            order = torch.sort(lengths, descending=True, stable=True).indices  # longest first
+            for b in range(0, len(order), self.batch_size):
+                batch = order[b : b + self.batch_size]  # (B,)
+                width = int(lengths[batch].max())
+                yield batch + lo, {key: value[batch, :width] for key, value in encoded.items()}
+
     @torch.inference_mode()
     def _encode_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, V) pruned SPLADE weights of one padded batch, on the encoder's device."""
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        logits = self.model(**batch).logits  # (B, L, V)
-        weights = splade_max_pool(logits, batch["attention_mask"])  # (B, V)
-        weights[:, self.special_ids] = 0.0
+        weights = self.sparse_model(**batch)  # (B, V), special tokens already zeroed
         return prune_weights(weights, self.top_k, self.prune_ratio)

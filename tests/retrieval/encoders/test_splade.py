@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from retrieval.encoders import splade
 from retrieval.encoders.splade import SpladeEncoder, prune_weights
+from retrieval.models import SpladeEcho
 
 SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
 MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
@@ -43,7 +46,7 @@ def reference_weights(encoder: SpladeEncoder, text: str, zero_special: bool = Tr
     """(V,) SPLADE-max straight from the formula: max over positions of log(1 + relu(logits))."""
     batch = encoder.tokenizer([text], truncation=True, max_length=encoder.max_length, return_tensors="pt")
     with torch.no_grad():
-        logits = encoder.model(**batch).logits[0]  # (L, V), no padding in a batch of one
+        logits = encoder.model(**batch.to(encoder.device)).logits[0].cpu()  # (L, V), no padding
     weights = torch.log(1 + torch.relu(logits)).max(dim=0).values  # (V,)
     if zero_special:
         weights[encoder.tokenizer.all_special_ids] = 0
@@ -155,3 +158,44 @@ def test_input_validation(encoder: SpladeEncoder) -> None:
         SpladeEncoder(MODEL, prune_ratio=0.0)
     with pytest.raises(ValueError, match="top_k"):
         SpladeEncoder(MODEL, top_k=0)
+
+
+def test_chunked_pooling_and_sort_chunks_do_not_change_vectors(
+    vectors: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = SpladeEncoder(MODEL, max_length=64, batch_size=3, chunk_size=None)
+    assert plain.sparse_model.chunk_size is None
+    torch.testing.assert_close(plain.encode(TEXTS).to_dense(), vectors.to_dense(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(splade, "_SORT_CHUNK", 3)  # tokenized, sorted and batched 3 texts at a time
+    small = SpladeEncoder(MODEL, max_length=64, batch_size=2, chunk_size=1000)
+    torch.testing.assert_close(small.encode(TEXTS).to_dense(), vectors.to_dense(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        SpladeEncoder(MODEL, chunk_size=0)
+
+
+def test_echo_model_directory_indexes_like_its_module(tmp_path: Path) -> None:
+    """A causal LM saved by SpladeEcho opens as an echo model: each row is the module's vector."""
+    if not MODEL.is_dir():
+        pytest.skip(f"no model at {MODEL}")
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    echo = SpladeEcho(LlamaForCausalLM(config), tokenizer).eval()
+    echo.save_pretrained(tmp_path / "echo")
+    encoder = SpladeEncoder(tmp_path / "echo", max_length=15, batch_size=3)
+    assert isinstance(encoder.sparse_model, SpladeEcho)
+    assert (
+        encoder.checksum == hashlib.sha256((tmp_path / "echo" / "model.safetensors").read_bytes()).hexdigest()
+    )
+    vectors = encoder.encode(TEXTS).to_dense()
+    assert vectors.shape == (len(TEXTS), len(tokenizer))
+    with torch.no_grad():
+        for i, text in enumerate(TEXTS):
+            expected = echo(**echo.tokenize([text], max_length=15))[0]
+            torch.testing.assert_close(vectors[i], expected, rtol=1e-5, atol=1e-5)
