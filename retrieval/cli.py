@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from retrieval.data.errors import DataFormatError, DatasetNotFoundError
+from retrieval.data.training import TeacherScoresError, TrainingDataError
 from retrieval.index.manifest import IndexFormatError
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DatasetNotFoundError,
     ConfigError,
     IndexFormatError,
+    TrainingDataError,
+    TeacherScoresError,
 )
 
 

@@ -259,15 +259,23 @@ def open_search(
 
 
 def _sparse_query_encoder(cfg: DictConfig, index_dir: Path, manifest: Manifest, data: BeirData):
-    """SPLADE (siamese) or the inference-free IDF encoder, checked against the index."""
+    """SPLADE (siamese) or the inference-free IDF encoder, checked against the index.
+
+    The inference-free table is the model's own ``idf.json`` when its directory ships one (what
+    ``python -m retrieval.train`` saves, trained or not), else one fitted on this corpus and
+    kept beside the index.
+    """
     if cfg.index.query == "splade":
         encoder = sparse_encoder(cfg)
         check_encoder(manifest, encoder.name, encoder.checksum, index_dir)
         return encoder
     from retrieval.encoders.inference_free import InferenceFreeQueryEncoder
 
+    shipped = Path(manifest.tokenizer) / "idf.json"  # a model trained for inference-free queries
     idf_path = index_dir / "idf.json"
-    if idf_path.is_file():
+    if shipped.is_file():
+        encoder = InferenceFreeQueryEncoder.load(manifest.tokenizer, shipped)
+    elif idf_path.is_file():
         encoder = InferenceFreeQueryEncoder.load(manifest.tokenizer, idf_path)
     else:  # fitted once on the corpus with the documents' tokenizer, then kept beside the index
         encoder = InferenceFreeQueryEncoder.fit(manifest.tokenizer, document_texts(data))
