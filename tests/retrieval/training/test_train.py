@@ -291,3 +291,33 @@ def test_two_process_ddp_training(beir_dir: Path, teacher_file: Path, tmp_path: 
     assert any(not torch.equal(trained[k], original[k]) for k in original), (
         "rank 0's weights did not come back"
     )
+
+
+def test_decoder_only_echo_backbone_trains_and_indexes(beir_dir, teacher_file, tmp_path: Path) -> None:
+    """A small random Llama (echo input, LM head as the vocabulary projection): train, save, index."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not SPLADE.is_dir():
+        pytest.skip(f"no model at {SPLADE}")
+    tokenizer = AutoTokenizer.from_pretrained(SPLADE)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(config).save_pretrained(llama)
+    tokenizer.save_pretrained(llama)
+    out = tmp_path / "run"
+    metrics = train_cli.run(
+        _cfg(beir_dir, teacher_file, out, f"model.backbone={llama}", "trainer.max_epochs=1")
+    )
+    assert json.loads((out / "model" / "sparrow.json").read_text())["kind"] == "splade_echo"
+    trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(llama).state_dict()
+    assert any(not torch.equal(trained[k], original[k]) for k in original)
+    # the test split was indexed with the saved echo model through the ordinary index path
+    assert metrics["test"]["avg_doc_nnz"] > 0 and 0.0 <= metrics["test"]["ndcg@10"] <= 1.0
