@@ -225,6 +225,13 @@ def _known_judgements(
     }
 
 
+def in_dataset(dataset: BeirData, path: str | Path) -> Path:
+    """``path``; a relative one that does not exist names a file in the dataset folder
+    (``original/train.2-1-0.qrel``)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or path.exists() else dataset.path / path
+
+
 def load_training_set(
     dataset: BeirData,
     queries: str | Path | None = None,
@@ -236,7 +243,8 @@ def load_training_set(
     Args:
         dataset: (BeirData) gives the corpus; and the queries and qrels when those are None
             (load it with ``load_beir(name, split="train")``).
-        queries: (str | Path | None) a BEIR ``queries.jsonl`` or ``QID<TAB>text`` file. Default
+        queries: (str | Path | None) a BEIR ``queries.jsonl`` or ``QID<TAB>text`` file (a relative
+            path not found from the working directory is looked up in the dataset folder). Default
             None: ``dataset.queries``, or every query of the dataset's ``queries.jsonl`` when
             ``qrels`` is a file (it may judge queries outside the dataset's split).
         qrels: (str | Path | None) a BEIR TSV or TREC qrels file. Default None: ``dataset.qrels``.
@@ -255,12 +263,12 @@ def load_training_set(
         qrels_path = dataset.path / "qrels" / f"{dataset.split}.tsv"
         judgements = dataset.qrels
     else:
-        qrels_path = Path(qrels)
+        qrels_path = in_dataset(dataset, qrels)
         if not qrels_path.is_file():
             raise TrainingDataError(f"{qrels_path}: no such qrels file (train.qrels)")
         judgements = Qrels.read(qrels_path)
     if queries is not None:
-        queries_path = Path(queries)
+        queries_path = in_dataset(dataset, queries)
         texts = read_queries(queries_path)
     elif qrels is None:
         queries_path = dataset.path / "queries.jsonl"

@@ -179,6 +179,13 @@ def building(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     yield work
     if not (work / MANIFEST).is_file():
         raise IndexFormatError(f"the build of {final} wrote no {MANIFEST}; left unfinished in {work}")
+    replace_directory(work, final)
+    log.info("index written to %s in %.1f s", final, time.perf_counter() - start)
+
+
+def replace_directory(work: Path, final: Path) -> None:
+    """Rename the finished ``work`` directory to ``final``; an existing ``final`` is moved aside
+    first and deleted only once the new one is in place."""
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -187,4 +194,3 @@ def building(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(work, final)
-    log.info("index written to %s in %.1f s", final, time.perf_counter() - start)

@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from retrieval.models.pooling import splade_pool
+from retrieval.models.sparse_lm import read_sparrow_info, require_transformers
 from retrieval.models.splade_echo import SpladeEcho
-from retrieval.models.splade_mlm import SpladeMLM, read_sparrow_info, require_transformers
+from retrieval.models.splade_mlm import SpladeMLM
 
 __all__ = ["SpladeEcho", "SpladeMLM", "load_sparse_model", "splade_pool"]
 

@@ -9,13 +9,7 @@ import torch
 from torch import nn
 
 from retrieval.encoders.sparse import check_texts
-from retrieval.models.pooling import output_embedding_inputs, output_embedding_name, splade_pool
-from retrieval.models.splade_mlm import (
-    check_kind,
-    require_transformers,
-    save_model_directory,
-    special_token_mask,
-)
+from retrieval.models.sparse_lm import SparseLM, require_transformers
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +26,7 @@ def _start_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has no bos, cls or eos token to open the echo input with")
 
 
-class SpladeEcho(nn.Module):
+class SpladeEcho(SparseLM):
     r"""SPLADE sparse representations from a decoder-only causal LM with echo inputs, for training.
 
     Doshi, Kumar, Murthy, Vamsikrishna, Lal. *Mistral-SPLADE: LLMs for better Learned Sparse
@@ -52,7 +46,8 @@ class SpladeEcho(nn.Module):
     (:func:`~retrieval.models.pooling.splade_pool`). Each copy holds at most
     ``(max_length - 1) // 2`` word-pieces. Batches are padded on the right, so that the positions
     of the tokens do not depend on the padding; an empty text is pooled over its ``[bos]``.
-    Tokenizers without a pad token pad with eos.
+    Tokenizers without a pad token pad with eos. Pooling, saving and loading are those of
+    :class:`~retrieval.models.sparse_lm.SparseLM`.
 
     Args:
         model: a Hugging Face ``*ForCausalLM`` model.
@@ -67,6 +62,8 @@ class SpladeEcho(nn.Module):
         vocab_size: (int) ``V``, rows of the LM head.
         special_ids: (list[int]) the tokenizer's special token ids.
         token_mask: (V,) float buffer, 0 on zeroed special tokens, 1 elsewhere.
+        start_id: (int) the id of ``[bos]``.
+        pad_id: (int) the id padding is filled with.
     """
 
     kind = "splade_echo"
@@ -74,38 +71,19 @@ class SpladeEcho(nn.Module):
     def __init__(
         self, model: nn.Module, tokenizer, chunk_size: int | None = 4096, zero_special_tokens: bool = True
     ):
-        super().__init__()
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        super().__init__(model, tokenizer, chunk_size, zero_special_tokens)
         self.start_id = _start_token_id(tokenizer)
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
             log.info("the tokenizer has no pad token: padding with eos %r", tokenizer.eos_token)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.start_id
-        self.model = model
-        self.tokenizer = tokenizer
-        self.chunk_size = chunk_size
-        self.zero_special_tokens = zero_special_tokens
-        self._head_name = output_embedding_name(model)
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        mask, self.special_ids = special_token_mask(tokenizer, self.vocab_size, zero_special_tokens)
-        self.register_buffer("token_mask", mask, persistent=False)
 
     @classmethod
-    def from_pretrained(
-        cls, name_or_path: str | Path, chunk_size: int | None = 4096, zero_special_tokens: bool = True
-    ) -> SpladeEcho:
-        """Load a causal LM and its tokenizer from a directory or hub id (cache only when offline).
-
-        Raises:
-            ValueError: the directory's ``sparrow.json`` records another kind of model.
-        """
-        check_kind(name_or_path, cls.kind)
-        transformers = require_transformers()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-        model = transformers.AutoModelForCausalLM.from_pretrained(name_or_path)
+    def _load_model(cls, name_or_path: str | Path) -> nn.Module:
+        """``AutoModelForCausalLM`` from a directory or hub id."""
+        model = require_transformers().AutoModelForCausalLM.from_pretrained(name_or_path)
         log.info("%s: causal LM loaded for echo SPLADE", name_or_path)
-        return cls(model, tokenizer, chunk_size, zero_special_tokens)
+        return model
 
     def tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         """Echo inputs ``[bos] text text``, each copy truncated to ``(max_length - 1) // 2`` pieces.
@@ -159,15 +137,5 @@ class SpladeEcho(nn.Module):
         Returns:
             (B, V) float32 weights, >= 0, 0 on zeroed special tokens.
         """
-        hidden = output_embedding_inputs(
-            self.model, self._head_name, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )  # (B, L, H)
-        head = self.model.get_output_embeddings()
         pooled = pool_mask.bool() & attention_mask.bool()  # (B, L)
-        weights = splade_pool(hidden, head.weight, head.bias, pooled, self.chunk_size)  # (B, V)
-        return weights * self.token_mask.to(weights.device)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the model, tokenizer and ``sparrow.json`` to ``directory`` (atomically)."""
-        info = {"kind": self.kind, "zero_special_tokens": self.zero_special_tokens}
-        return save_model_directory(directory, self.model, self.tokenizer, info)
+        return self._pool(pooled, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import polars as pl
@@ -223,8 +222,7 @@ class SparseTrainingData(L.LightningDataModule):
         if self.examples is not None:
             return
         data = load_beir(self.dataset, split=self.split, root=self.root)
-        queries, qrels = (in_dataset(data, p) for p in (self.train_queries, self.train_qrels))
-        self.training = load_training_set(data, queries, qrels, self.drop_unknown)
+        self.training = load_training_set(data, self.train_queries, self.train_qrels, self.drop_unknown)
         frame = read_teacher_scores(self.teacher_file, self.training)
         doc_row = dict(zip(self.training.corpus["doc_id"], self.training.corpus["doc"], strict=True))
         cands = candidate_tables(frame, doc_row, self.teachers, self.teacher_scale, self.negative_depth)
@@ -268,11 +266,3 @@ class SparseTrainingData(L.LightningDataModule):
         return DataLoader(
             DocumentBatches(self.corpus_texts), batch_size=self.eval_batch_size, collate_fn=list
         )
-
-
-def in_dataset(data: BeirData, path: str | None) -> Path | None:
-    """``path``; a relative one names a file inside the dataset folder (``original/x.qrel``)."""
-    if not path:
-        return None
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else data.path / path
