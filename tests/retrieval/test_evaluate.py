@@ -9,52 +9,26 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from retrieval import evaluate as evaluate_cli
 from retrieval import search as search_cli
-from retrieval.cli import CONF_DIR
 from retrieval.index.manifest import MANIFEST
+from tests.retrieval.helpers import SPLADE_TINY, compose_job, write_beir
 
 REPO = Path(__file__).resolve().parents[2]
-SPLADE = Path(os.environ.get("SPARROW_MODEL_DIR", REPO.parent / "shared" / "models")) / "splade-tiny"
 
-TOPICS = {
-    "bees": "Honey bees pollinate crops and produce honey in their hives during the summer.",
-    "volcano": "A volcano erupts when magma rises through the crust and lava flows down its slopes.",
-    "insulin": "Insulin is a hormone that lowers blood glucose; diabetes follows when it fails.",
-    "comet": "A comet is an icy body whose tail of gas and dust points away from the sun.",
-    "wheat": "Wheat is a cereal grain milled into flour for bread and pasta around the world.",
-    "glacier": "Glaciers are rivers of ice that carve valleys as they slowly move downhill.",
-}
 QUERIES = {
-    "q1": ("which insects make honey", "bees"),
-    "q2": ("what happens when magma reaches the surface", "volcano"),
-    "q3": ("hormone controlling blood sugar", "insulin"),
-    "q4": ("why does a comet have a tail", "comet"),
+    "q1": ("which insects make honey", ["bees-0"]),
+    "q2": ("what happens when magma reaches the surface", ["volcano-0"]),
+    "q3": ("hormone controlling blood sugar", ["insulin-0"]),
+    "q4": ("why does a comet have a tail", ["comet-0"]),
 }
+NOTE = "Notes {i} on {name}: a survey of unrelated municipal budget tables, page {i}."
 
 
 def _beir_folder(root: Path) -> Path:
     """Six topics, each with a relevant document and two distractors that share little with it."""
-    root.mkdir(parents=True)
-    (root / "qrels").mkdir()
-    with open(root / "corpus.jsonl", "w") as f:
-        for name, text in TOPICS.items():
-            f.write(json.dumps({"_id": f"{name}-0", "title": name.title(), "text": text}) + "\n")
-            for i in (1, 2):
-                other = f"Notes {i} on {name}: a survey of unrelated municipal budget tables, page {i}."
-                f.write(json.dumps({"_id": f"{name}-{i}", "title": "", "text": other}) + "\n")
-    with open(root / "queries.jsonl", "w") as f:
-        for qid, (text, _) in QUERIES.items():
-            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
-    with open(root / "qrels" / "test.tsv", "w") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for qid, (_, topic) in QUERIES.items():
-            f.write(f"{qid}\t{topic}-0\t1\n")
-    return root
+    return write_beir(root, {"test": QUERIES}, notes=2, note=NOTE)
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +36,9 @@ def beir_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _beir_folder(tmp_path_factory.mktemp("unseen") / "tinybeir")
 
 
-def _compose(config: str, overrides: list[str], out: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
-
-
 def _evaluate(beir_dir: Path, tmp_path: Path, *overrides: str) -> dict:
     args = [f"dataset.path={beir_dir}", f"paths.indexes_dir={tmp_path / 'indexes'}", "latency_queries=4"]
-    return evaluate_cli.run(_compose("retrieval_evaluate", [*args, *overrides], tmp_path / "out"))
+    return evaluate_cli.run(compose_job("retrieval_evaluate", [*args, *overrides], tmp_path / "out"))
 
 
 def test_bm25_on_an_unseen_beir_folder(beir_dir: Path, tmp_path: Path) -> None:
@@ -97,7 +62,7 @@ def test_bm25_on_an_unseen_beir_folder(beir_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("query", ["splade", "idf"])
 def test_splade_impact_and_exact_scoring_agree(beir_dir: Path, tmp_path: Path, query: str) -> None:
-    model = f"index.encoder.model={SPLADE}"
+    model = f"index.encoder.model={SPLADE_TINY}"
     exact = _evaluate(beir_dir, tmp_path, "index=sparse_torch", f"index.query={query}", model)
     impact = _evaluate(beir_dir, tmp_path, "index=impact", f"index.query={query}", model)
     assert exact["ndcg@10"] > 0.7  # splade-tiny finds the topical documents
@@ -113,7 +78,7 @@ def test_search_writes_a_trec_run(beir_dir: Path, tmp_path: Path) -> None:
     _evaluate(beir_dir, tmp_path, "index=bm25")
     run_file = tmp_path / "bm25.trec"
     args = [f"dataset.path={beir_dir}", f"paths.indexes_dir={tmp_path / 'indexes'}", f"run_file={run_file}"]
-    result = search_cli.run(_compose("retrieval_search", [*args, "index=bm25"], tmp_path / "s"))
+    result = search_cli.run(compose_job("retrieval_search", [*args, "index=bm25"], tmp_path / "s"))
     assert set(result) == set(QUERIES)
     assert run_file.read_text().splitlines()[0].startswith("q1 Q0 bees-0 1 ")
 

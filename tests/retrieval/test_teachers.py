@@ -5,36 +5,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
 
 from retrieval import teachers as teachers_cli
-from retrieval.cli import CONF_DIR, ConfigError
+from retrieval.cli import ConfigError
 from retrieval.data.beir import load_beir
 from retrieval.data.training import TeacherScoresError, TrainingSet, load_training_set
 from retrieval.pipeline import document_texts
 from retrieval.teachers import TEACHER_COLUMNS, read_teacher_scores, teacher_columns
+from tests.retrieval.helpers import SPLADE_TINY, compose_job, write_beir
 
 REPO = Path(__file__).resolve().parents[2]
-SPLADE = Path(os.environ.get("SPARROW_MODEL_DIR", REPO.parent / "shared" / "models")) / "splade-tiny"
 DEPTH, BM25_DEPTH = 4, 8
 
-TOPICS = {
-    "bees": "Honey bees pollinate crops and produce honey in their hives during the summer.",
-    "volcano": "A volcano erupts when magma rises through the crust and lava flows down its slopes.",
-    "insulin": "Insulin is a hormone that lowers blood glucose; diabetes follows when it fails.",
-    "comet": "A comet is an icy body whose tail of gas and dust points away from the sun.",
-    "wheat": "Wheat is a cereal grain milled into flour for bread and pasta around the world.",
-    "glacier": "Glaciers are rivers of ice that carve valleys as they slowly move downhill.",
-}
 QUERIES = {  # id -> (text, positives); "comet-4" is also a document id: a self hit to drop
     "q1": ("which insects make honey", ["bees-0", "bees-1", "comet-0"]),  # comet-0 shares no term with q1
     "q2": ("what happens when magma reaches the surface", ["volcano-0"]),
@@ -43,33 +31,12 @@ QUERIES = {  # id -> (text, positives); "comet-4" is also a document id: a self 
     "q5": ("flour for bread", ["wheat-0", "wheat-3"]),
     "q6": ("ice carving valleys", ["glacier-0"]),
 }
+NOTE = "Notes {i} on {name}: a survey of municipal budget tables, page {i}, honey {i}."
 
 
 def _beir_folder(root: Path) -> Path:
     """Six topics of five documents: one topical, four notes that share the topic's name."""
-    (root / "qrels").mkdir(parents=True)
-    with open(root / "corpus.jsonl", "w") as f:
-        for name, text in TOPICS.items():
-            f.write(json.dumps({"_id": f"{name}-0", "title": name.title(), "text": text}) + "\n")
-            for i in range(1, 5):
-                other = f"Notes {i} on {name}: a survey of municipal budget tables, page {i}, honey {i}."
-                f.write(json.dumps({"_id": f"{name}-{i}", "title": "", "text": other}) + "\n")
-    with open(root / "queries.jsonl", "w") as f:
-        for qid, (text, _) in QUERIES.items():
-            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
-    lines = ["query-id\tcorpus-id\tscore"]
-    lines += [f"{qid}\t{doc}\t1" for qid, (_, positives) in QUERIES.items() for doc in positives]
-    (root / "qrels" / "train.tsv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def _compose(overrides: list[str], out: Path) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="retrieval_teachers", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+    return write_beir(root, {"train": QUERIES}, notes=4, note=NOTE)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +47,11 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
     overrides = [
         f"dataset.path={beir}",
         f"paths.indexes_dir={tmp / 'indexes'}",
-        f"models.splade.encoder.model={SPLADE}",
+        f"models.splade.encoder.model={SPLADE_TINY}",
         f"depth={DEPTH}",
         f"bm25_depth={BM25_DEPTH}",
     ]
-    out = teachers_cli.run(_compose(overrides, tmp / "out"))
+    out = teachers_cli.run(compose_job("retrieval_teachers", overrides, tmp / "out"))
     data = load_beir(str(beir), split="train")
     training = load_training_set(data)
     return {"out": out, "data": data, "training": training, "indexes": tmp / "indexes" / "tinytrain"}
@@ -117,7 +84,7 @@ def test_file_schema_and_sidecar(job: dict, frame: pl.DataFrame) -> None:
     assert frame.select("query_id", "doc_id").is_unique().all()
     sidecar = json.loads(job["out"].with_name("train.parquet.json").read_text())
     assert sidecar["teachers"] == ["bm25", "dense", "splade"]
-    assert sidecar["models"]["splade"]["name"] == str(SPLADE.resolve())
+    assert sidecar["models"]["splade"]["name"] == str(SPLADE_TINY.resolve())
     assert sidecar["models"]["dense"]["checksum"] and sidecar["models"]["splade"]["checksum"]
     assert sidecar["depth"] == DEPTH and sidecar["bm25_depth"] == BM25_DEPTH
     assert sidecar["counts"]["queries"] == 6 and sidecar["counts"]["rows"] == frame.height
@@ -186,7 +153,7 @@ def test_dense_equals_direct_minilm_dot_products(job: dict, frame: pl.DataFrame)
 def test_splade_equals_direct_splade_dot_products(job: dict, frame: pl.DataFrame) -> None:
     from retrieval.encoders.splade import SpladeEncoder
 
-    encoder = SpladeEncoder(SPLADE)
+    encoder = SpladeEncoder(SPLADE_TINY)
     qids, docs = _pairs(frame)
     texts = dict(zip(job["data"].corpus["doc_id"], document_texts(job["data"]), strict=True))
     q = encoder.encode([QUERIES[x][0] for x in qids]).to_dense()  # (P, V)
@@ -239,7 +206,8 @@ def test_reader_refusals(job: dict, frame: pl.DataFrame, tmp_path: Path) -> None
     [("teachers=[bm25,cross]", "teachers must be"), ("bm25_depth=2", r"bm25_depth \(2\) must be >= depth")],
 )
 def test_bad_config_is_refused(tmp_path: Path, override: str, match: str) -> None:
-    cfg = _compose([f"dataset.path={tmp_path}", f"paths.indexes_dir={tmp_path}", override], tmp_path)
+    overrides = [f"dataset.path={tmp_path}", f"paths.indexes_dir={tmp_path}", override]
+    cfg = compose_job("retrieval_teachers", overrides, tmp_path)
     with pytest.raises(ConfigError, match=match):
         teachers_cli.run(cfg)
 

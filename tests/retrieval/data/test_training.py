@@ -163,6 +163,11 @@ def test_nfcorpus_train_needs_drop_unknown(shared_data: Path) -> None:
     training = load_training_set(corpus, *files, drop_unknown=True)
     assert training.qrels.num_pairs() == 110_575 - 500
     assert len(training.queries) == 2563 and training.name == "nfcorpus/train.2-1-0"
+    # paths relative to the dataset folder, as the experiment configs give them
+    relative = load_training_set(
+        corpus, "original/train.titles.queries", "original/train.2-1-0.qrel", drop_unknown=True
+    )
+    assert relative.queries == training.queries and relative.qrels_path == files[1]
 
 
 def test_scifact_train(shared_data: Path) -> None:

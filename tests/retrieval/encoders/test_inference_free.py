@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from retrieval.encoders.inference_free import InferenceFreeQueryEncoder
-
-SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
-MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
+from tests.retrieval.helpers import SPLADE_TINY, splade_tiny
 
 # every word below is a single word-piece of the BERT-uncased vocabulary
 CORPUS = ["the cat sat", "the dog barked at the cat", "a cat and a cat", "dogs bark"]
@@ -21,9 +18,7 @@ CORPUS = ["the cat sat", "the dog barked at the cat", "a cat and a cat", "dogs b
 
 @pytest.fixture(scope="module")
 def encoder() -> InferenceFreeQueryEncoder:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    return InferenceFreeQueryEncoder.fit(MODEL, CORPUS)
+    return InferenceFreeQueryEncoder.fit(splade_tiny(), CORPUS)
 
 
 def idf(df: int, n: int = len(CORPUS)) -> float:
@@ -43,8 +38,8 @@ def test_idf_matches_hand_computation(encoder: InferenceFreeQueryEncoder, token:
 
 def test_fit_counts_only_the_first_max_length_pieces() -> None:
     corpus = ["cat " * 10 + "zebra", "dog"]
-    full = InferenceFreeQueryEncoder.fit(MODEL, corpus, max_length=None)
-    cut = InferenceFreeQueryEncoder.fit(MODEL, corpus, max_length=8)  # [CLS] + 6 x cat + [SEP]
+    full = InferenceFreeQueryEncoder.fit(SPLADE_TINY, corpus, max_length=None)
+    cut = InferenceFreeQueryEncoder.fit(SPLADE_TINY, corpus, max_length=8)  # [CLS] + 6 x cat + [SEP]
     zebra = token_id(full, "zebra")
     assert full.idf[zebra].item() == pytest.approx(idf(1, 2), rel=1e-6)
     assert cut.idf[zebra].item() == pytest.approx(idf(0, 2), rel=1e-6)
@@ -69,26 +64,26 @@ def test_save_load_round_trip(encoder: InferenceFreeQueryEncoder, tmp_path: Path
     data = json.loads(path.read_text(encoding="utf-8"))
     assert data["format"] == "sparrow-idf-1" and data["num_docs"] == len(CORPUS)
     assert data["idf"]["cat"] == pytest.approx(idf(3), rel=1e-6)
-    loaded = InferenceFreeQueryEncoder.load(MODEL, path)
+    loaded = InferenceFreeQueryEncoder.load(SPLADE_TINY, path)
     assert torch.equal(loaded.idf, encoder.idf)
     assert loaded.checksum == encoder.checksum
-    assert loaded.name == encoder.name == "idf:" + MODEL.resolve().as_posix()
+    assert loaded.name == encoder.name == "idf:" + SPLADE_TINY.resolve().as_posix()
 
 
 def test_load_refuses_other_files(encoder: InferenceFreeQueryEncoder, tmp_path: Path) -> None:
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps({"cat": 1.0}))
     with pytest.raises(ValueError, match="not a Sparrow IDF table"):
-        InferenceFreeQueryEncoder.load(MODEL, bad)
+        InferenceFreeQueryEncoder.load(SPLADE_TINY, bad)
     data = json.loads(encoder.save(tmp_path / "idf.json").read_text())
     data["idf"] = dict(list(data["idf"].items())[:100])
     bad.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="not this tokenizer's vocabulary"):
-        InferenceFreeQueryEncoder.load(MODEL, bad)
+        InferenceFreeQueryEncoder.load(SPLADE_TINY, bad)
 
 
 def test_checksum_depends_on_values(encoder: InferenceFreeQueryEncoder) -> None:
-    other = InferenceFreeQueryEncoder(MODEL, encoder.idf * 2)
+    other = InferenceFreeQueryEncoder(SPLADE_TINY, encoder.idf * 2)
     assert other.checksum != encoder.checksum and len(other.checksum) == 64
 
 
@@ -97,6 +92,6 @@ def test_input_validation(encoder: InferenceFreeQueryEncoder) -> None:
     with pytest.raises(TypeError, match=r"texts\[2\] is NoneType"):
         encoder.encode(["a", "b", None])
     with pytest.raises(ValueError, match="empty corpus"):
-        InferenceFreeQueryEncoder.fit(MODEL, [])
+        InferenceFreeQueryEncoder.fit(SPLADE_TINY, [])
     with pytest.raises(ValueError, match="shape"):
-        InferenceFreeQueryEncoder(MODEL, torch.ones(10))
+        InferenceFreeQueryEncoder(SPLADE_TINY, torch.ones(10))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,7 @@ from retrieval.encoders.sparse import (
 )
 from retrieval.encoders.splade import SpladeEncoder
 from retrieval.index.manifest import IndexFormatError
-
-SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
-MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
+from tests.retrieval.helpers import splade_tiny
 
 TEXTS = [
     f"query number {i} about {topic}" for i, topic in enumerate(["cells", "genes", "vitamin d", "cancer"] * 3)
@@ -35,9 +32,7 @@ def csr(rows: list[list[float]]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def encoder() -> SpladeEncoder:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    return SpladeEncoder(MODEL, max_length=16, batch_size=4)
+    return SpladeEncoder(splade_tiny(), max_length=16, batch_size=4)
 
 
 def test_sparsity_stats_by_hand() -> None:

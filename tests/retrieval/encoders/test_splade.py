@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from retrieval.encoders import splade
 from retrieval.encoders.splade import SpladeEncoder, prune_weights
 from retrieval.models import SpladeEcho
-
-SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
-MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
+from tests.retrieval.helpers import SPLADE_TINY, splade_tiny, tiny_llama
 
 TEXTS = [
     "Vitamin D deficiency is associated with an increased risk of fractures in older adults.",
@@ -32,9 +28,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def encoder() -> SpladeEncoder:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    return SpladeEncoder(MODEL, max_length=64, batch_size=3)
+    return SpladeEncoder(splade_tiny(), max_length=64, batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +79,7 @@ def test_zero_special_tokens(encoder: SpladeEncoder, vectors: torch.Tensor) -> N
     special = [encoder.vocab.index(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]")]
     assert sorted(special) == sorted(encoder.tokenizer.all_special_ids)
     assert (vectors.to_dense()[:, special] == 0).all()
-    raw = SpladeEncoder(MODEL, max_length=64, zero_special_tokens=False).encode(TEXTS).to_dense()
+    raw = SpladeEncoder(SPLADE_TINY, max_length=64, zero_special_tokens=False).encode(TEXTS).to_dense()
     assert raw[6, encoder.vocab.index("[UNK]")] > 0  # unknown characters: the model weights [UNK]
     raw[:, special] = 0
     torch.testing.assert_close(raw, vectors.to_dense(), rtol=1e-5, atol=1e-5)
@@ -94,8 +88,8 @@ def test_zero_special_tokens(encoder: SpladeEncoder, vectors: torch.Tensor) -> N
 def test_zero_special_tokens_when_the_model_favours_them() -> None:
     """Raise the output bias of every special token so that each gets weight, then zero them."""
     zeroed, raw = (
-        SpladeEncoder(MODEL, max_length=16),
-        SpladeEncoder(MODEL, max_length=16, zero_special_tokens=False),
+        SpladeEncoder(SPLADE_TINY, max_length=16),
+        SpladeEncoder(SPLADE_TINY, max_length=16, zero_special_tokens=False),
     )
     special = zeroed.tokenizer.all_special_ids
     for enc in (zeroed, raw):
@@ -107,7 +101,7 @@ def test_zero_special_tokens_when_the_model_favours_them() -> None:
 
 @pytest.mark.parametrize("top_k", [1, 5, 40])
 def test_top_k_keeps_the_k_largest(vectors: torch.Tensor, top_k: int) -> None:
-    pruned = SpladeEncoder(MODEL, max_length=64, top_k=top_k).encode(TEXTS).to_dense()
+    pruned = SpladeEncoder(SPLADE_TINY, max_length=64, top_k=top_k).encode(TEXTS).to_dense()
     full = vectors.to_dense()
     for row_full, row in zip(full, pruned, strict=True):
         n = min(top_k, int((row_full > 0).sum()))
@@ -118,7 +112,7 @@ def test_top_k_keeps_the_k_largest(vectors: torch.Tensor, top_k: int) -> None:
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
 def test_prune_ratio_keeps_weights_at_least_ratio_times_max(vectors: torch.Tensor, ratio: float) -> None:
-    pruned = SpladeEncoder(MODEL, max_length=64, prune_ratio=ratio).encode(TEXTS[:4]).to_dense()
+    pruned = SpladeEncoder(SPLADE_TINY, max_length=64, prune_ratio=ratio).encode(TEXTS[:4]).to_dense()
     full = vectors.to_dense()[:4]
     expected = full * (full >= ratio * full.amax(dim=1, keepdim=True))
     assert torch.equal(pruned > 0, expected > 0)
@@ -139,8 +133,8 @@ def test_prune_weights_ties_and_combination() -> None:
 
 
 def test_attributes(encoder: SpladeEncoder) -> None:
-    assert encoder.name == MODEL.resolve().as_posix() == encoder.tokenizer_name
-    digest = hashlib.sha256((MODEL / "model.safetensors").read_bytes()).hexdigest()
+    assert encoder.name == SPLADE_TINY.resolve().as_posix() == encoder.tokenizer_name
+    digest = hashlib.sha256((SPLADE_TINY / "model.safetensors").read_bytes()).hexdigest()
     assert encoder.checksum == digest
     assert len(encoder.vocab) == 30522
     assert encoder.vocab[encoder.tokenizer.convert_tokens_to_ids("cancer")] == "cancer"
@@ -155,38 +149,28 @@ def test_input_validation(encoder: SpladeEncoder) -> None:
     with pytest.raises(TypeError, match="sequence of strings"):
         encoder.encode("a single string")
     with pytest.raises(ValueError, match="prune_ratio"):
-        SpladeEncoder(MODEL, prune_ratio=0.0)
+        SpladeEncoder(SPLADE_TINY, prune_ratio=0.0)
     with pytest.raises(ValueError, match="top_k"):
-        SpladeEncoder(MODEL, top_k=0)
+        SpladeEncoder(SPLADE_TINY, top_k=0)
 
 
 def test_chunked_pooling_and_sort_chunks_do_not_change_vectors(
     vectors: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    plain = SpladeEncoder(MODEL, max_length=64, batch_size=3, chunk_size=None)
+    plain = SpladeEncoder(SPLADE_TINY, max_length=64, batch_size=3, chunk_size=None)
     assert plain.sparse_model.chunk_size is None
     torch.testing.assert_close(plain.encode(TEXTS).to_dense(), vectors.to_dense(), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(splade, "_SORT_CHUNK", 3)  # tokenized, sorted and batched 3 texts at a time
-    small = SpladeEncoder(MODEL, max_length=64, batch_size=2, chunk_size=1000)
+    small = SpladeEncoder(SPLADE_TINY, max_length=64, batch_size=2, chunk_size=1000)
     torch.testing.assert_close(small.encode(TEXTS).to_dense(), vectors.to_dense(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="chunk_size"):
-        SpladeEncoder(MODEL, chunk_size=0)
+        SpladeEncoder(SPLADE_TINY, chunk_size=0)
 
 
 def test_echo_model_directory_indexes_like_its_module(tmp_path: Path) -> None:
     """A causal LM saved by SpladeEcho opens as an echo model: each row is the module's vector."""
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    echo = SpladeEcho(LlamaForCausalLM(config), tokenizer).eval()
+    llama, tokenizer = tiny_llama()
+    echo = SpladeEcho(llama, tokenizer).eval()
     echo.save_pretrained(tmp_path / "echo")
     encoder = SpladeEncoder(tmp_path / "echo", max_length=15, batch_size=3)
     assert isinstance(encoder.sparse_model, SpladeEcho)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,9 +16,8 @@ from retrieval.eval.retrieval_evaluator import RetrievalEvaluator
 from retrieval.index.manifest import MANIFEST, IndexFormatError, Manifest, partial_dir, write_manifest
 from retrieval.index.sparse_torch import SparseTorchSearcher, build_sparse_torch
 from retrieval.types import Qrels
+from tests.retrieval.helpers import SPLADE_TINY, splade_tiny
 
-SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
-MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
 NUM_QUERIES = 50  # test queries of the SciFact subset
 NUM_DISTRACTORS = 150  # random unjudged documents added to the judged ones
 
@@ -46,8 +44,6 @@ def corpus_file(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def scifact(shared_data: Path) -> BeirData:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
     return load_beir(str(shared_data / "scifact"))
 
 
@@ -61,7 +57,7 @@ def subset(scifact: BeirData, tmp_path_factory: pytest.TempPathFactory) -> dict:
     chosen = judged | set(random.Random(0).sample(others, NUM_DISTRACTORS))
     corpus = scifact.corpus.filter(scifact.corpus["doc_id"].is_in(list(chosen)))
     texts = [(t + " " + x).strip() for t, x in zip(corpus["title"], corpus["text"], strict=True)]
-    encoder = SpladeEncoder(MODEL)
+    encoder = SpladeEncoder(splade_tiny())
     docs = encoder.encode(texts)
     out = tmp_path_factory.mktemp("index") / "scifact-splade"
     manifest = build_sparse_torch(
@@ -74,7 +70,7 @@ def subset(scifact: BeirData, tmp_path_factory: pytest.TempPathFactory) -> dict:
         corpus_path=scifact.path / "corpus.jsonl",
     )
     query_texts = queries["text"].to_list()
-    idf = InferenceFreeQueryEncoder.fit(MODEL, texts)
+    idf = InferenceFreeQueryEncoder.fit(SPLADE_TINY, texts)
     return {
         "index": out,
         "manifest": manifest,
@@ -116,7 +112,7 @@ def test_ndcg_on_a_scifact_subset(subset: dict) -> None:
 def test_index_files_and_manifest(subset: dict) -> None:
     manifest, index = subset["manifest"], subset["index"]
     assert manifest.kind == "sparse_torch" and manifest.num_docs == subset["docs"].shape[0]
-    assert manifest.encoder == MODEL.resolve().as_posix() and len(manifest.encoder_checksum) == 64
+    assert manifest.encoder == SPLADE_TINY.resolve().as_posix() and len(manifest.encoder_checksum) == 64
     assert manifest.extra == {"vocab_size": 30522, "nnz": subset["docs"].values().numel()}
     state = torch.load(index / "vectors.pt", weights_only=True)
     assert set(state) == {"crow_indices", "col_indices", "values", "shape"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,7 @@ from transformers import AutoTokenizer
 
 from retrieval.encoders.inference_free import InferenceFreeQueryEncoder
 from retrieval.models.idf_query import IdfQueryEncoder
-
-SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
-MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
+from tests.retrieval.helpers import SPLADE_TINY, splade_tiny
 
 CORPUS = [
     "the cat sat",
@@ -34,9 +31,7 @@ QUERIES = [
 
 @pytest.fixture(scope="module")
 def reference() -> InferenceFreeQueryEncoder:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    return InferenceFreeQueryEncoder.fit(MODEL, CORPUS)
+    return InferenceFreeQueryEncoder.fit(splade_tiny(), CORPUS)
 
 
 def encode(module: IdfQueryEncoder, texts: list[str]) -> torch.Tensor:
@@ -47,7 +42,7 @@ def encode(module: IdfQueryEncoder, texts: list[str]) -> torch.Tensor:
 def test_same_vectors_as_inference_free_encoder(
     reference: InferenceFreeQueryEncoder, trainable: bool
 ) -> None:
-    module = IdfQueryEncoder.fit(MODEL, CORPUS, trainable=trainable)
+    module = IdfQueryEncoder.fit(SPLADE_TINY, CORPUS, trainable=trainable)
     assert torch.equal(module.idf.detach(), reference.idf)
     vectors = encode(module, QUERIES)
     assert vectors.shape == (len(QUERIES), len(reference.vocab))
@@ -61,7 +56,7 @@ def test_same_vectors_as_inference_free_encoder(
 
 def test_from_file_and_save_round_trip(reference: InferenceFreeQueryEncoder, tmp_path: Path) -> None:
     path = reference.save(tmp_path / "idf.json")
-    module = IdfQueryEncoder.from_file(MODEL, path, trainable=True)
+    module = IdfQueryEncoder.from_file(SPLADE_TINY, path, trainable=True)
     assert torch.equal(module.idf.detach(), reference.idf)
     assert (module.num_docs, module.doc_max_length) == (len(CORPUS), 256)
     with torch.no_grad():
@@ -69,10 +64,10 @@ def test_from_file_and_save_round_trip(reference: InferenceFreeQueryEncoder, tmp
         module.idf[reference.vocab.index("dog")] = -1.0  # saved clamped
     saved = module.save(tmp_path / "trained")
     assert saved == tmp_path / "trained" / "idf.json"
-    back = InferenceFreeQueryEncoder.load(MODEL, saved)
+    back = InferenceFreeQueryEncoder.load(SPLADE_TINY, saved)
     assert back.idf[reference.vocab.index("cat")] == 7.5 and back.idf[reference.vocab.index("dog")] == 0
     assert back.num_docs == len(CORPUS)
-    again = IdfQueryEncoder.from_file(MODEL, saved)
+    again = IdfQueryEncoder.from_file(SPLADE_TINY, saved)
     assert torch.equal(encode(again, QUERIES), back.encode(QUERIES).to_dense())
 
 
@@ -96,7 +91,7 @@ def test_gradient_reaches_idf_only_when_trainable() -> None:
 
 def test_wrong_tokenizer_is_a_clear_error(reference: InferenceFreeQueryEncoder, tmp_path: Path) -> None:
     path = reference.save(tmp_path / "idf.json")
-    other = AutoTokenizer.from_pretrained(MODEL)
+    other = AutoTokenizer.from_pretrained(SPLADE_TINY)
     other.add_tokens(["sparrowword"])
     other.save_pretrained(tmp_path / "other-tokenizer")
     with pytest.raises(ValueError, match="not this tokenizer's vocabulary"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,7 @@ from transformers import (
 
 from retrieval.models import load_sparse_model
 from retrieval.models.splade_echo import SpladeEcho
-
-SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
-MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
+from tests.retrieval.helpers import SPLADE_TINY, splade_tiny
 
 TEXTS = ["the cat sat on the mat and looked at the dog", "cat", "", "breast cancer stem cells"]
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
@@ -30,9 +27,7 @@ SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interme
 @pytest.fixture(scope="module", params=["llama", "mistral"])
 def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random causal LM saved with splade-tiny's BERT tokenizer (which has no bos/eos)."""
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(splade_tiny())
     torch.manual_seed(0)
     if request.param == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **SIZES))
@@ -132,7 +127,7 @@ def test_save_and_load_round_trip(echo: SpladeEcho, tmp_path: Path) -> None:
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(echo: SpladeEcho) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(SPLADE_TINY)
     tokenizer.eos_token = "[SEP]"
     tokenizer.pad_token = None
     model = SpladeEcho(echo.model, tokenizer)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,7 @@ from transformers import (
 from retrieval.encoders.splade import splade_max_pool
 from retrieval.models import load_sparse_model
 from retrieval.models.splade_mlm import SpladeMLM
-
-SHARED_MODELS = Path(__file__).resolve().parents[4] / "shared" / "models"
-MODEL = Path(os.environ.get("SPARROW_MODEL_DIR", SHARED_MODELS)) / "splade-tiny"
+from tests.retrieval.helpers import SPLADE_TINY, splade_tiny
 
 TEXTS = [
     "Vitamin D deficiency is associated with an increased risk of fractures in older adults.",
@@ -39,9 +36,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def splade() -> SpladeMLM:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    return SpladeMLM.from_pretrained(MODEL).eval()
+    return SpladeMLM.from_pretrained(splade_tiny()).eval()
 
 
 def reference(model: SpladeMLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -55,7 +50,7 @@ def reference(model: SpladeMLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def random_mlm_dir(root: Path, arch: str) -> Path:
     """A tiny randomly initialised MLM of ``arch`` saved with splade-tiny's BERT tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(splade_tiny())
     size = dict(vocab_size=len(tokenizer), max_position_embeddings=64)
     torch.manual_seed(0)
     if arch == "bert":
@@ -129,9 +124,7 @@ def test_gradients_flow_to_the_backbone_and_match_naive_autograd(splade: SpladeM
 
 
 def test_zero_special_tokens_off() -> None:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
-    raw = SpladeMLM.from_pretrained(MODEL, zero_special_tokens=False).eval()
+    raw = SpladeMLM.from_pretrained(splade_tiny(), zero_special_tokens=False).eval()
     assert (raw.token_mask == 1).all()
     with torch.no_grad():
         raw.model.get_output_embeddings().bias[raw.special_ids] += 50.0
@@ -194,8 +187,6 @@ def test_bare_encoder_gets_tied_identity_head(tmp_path: Path, caplog: pytest.Log
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert", "roberta"])
 def test_other_mlm_architectures(tmp_path: Path, arch: str) -> None:
-    if not MODEL.is_dir():
-        pytest.skip(f"no model at {MODEL}")
     directory = random_mlm_dir(tmp_path, arch)
     splade = load_sparse_model(directory, chunk_size=3000)
     assert isinstance(splade, SpladeMLM)
@@ -231,7 +222,7 @@ def test_bad_chunk_size(splade: SpladeMLM) -> None:
 def test_cuda_bf16_autocast_close_to_float32(splade: SpladeMLM) -> None:
     batch = splade.tokenize(TEXTS, max_length=24)
     expected = reference(splade, batch)
-    model = SpladeMLM.from_pretrained(MODEL).cuda().eval()
+    model = SpladeMLM.from_pretrained(SPLADE_TINY).cuda().eval()
     cuda_batch = {key: value.cuda() for key, value in batch.items()}
     with torch.inference_mode():
         torch.testing.assert_close(model(**cuda_batch).cpu(), expected, rtol=1e-4, atol=1e-4)

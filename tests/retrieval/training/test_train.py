@@ -3,34 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
+from omegaconf import DictConfig
 
 from retrieval import train as train_cli
-from retrieval.cli import CONF_DIR, ConfigError
+from retrieval.cli import ConfigError
 from retrieval.data.training import TeacherScoresError, TrainingDataError
 from retrieval.training.data import SparseTrainingData, candidate_tables
+from tests.retrieval.helpers import SPLADE_TINY, TOPICS, compose_job, splade_tiny, tiny_llama, write_beir
 
 REPO = Path(__file__).resolve().parents[3]
-SPLADE = Path(os.environ.get("SPARROW_MODEL_DIR", REPO.parent / "shared" / "models")) / "splade-tiny"
 
-TOPICS = {
-    "bees": "Honey bees pollinate crops and produce honey in their hives during the summer.",
-    "volcano": "A volcano erupts when magma rises through the crust and lava flows down its slopes.",
-    "insulin": "Insulin is a hormone that lowers blood glucose; diabetes follows when it fails.",
-    "comet": "A comet is an icy body whose tail of gas and dust points away from the sun.",
-    "wheat": "Wheat is a cereal grain milled into flour for bread and pasta around the world.",
-    "glacier": "Glaciers are rivers of ice that carve valleys as they slowly move downhill.",
-}
 TRAIN = {
     "t1": ("honey making insects", "bees"),
     "t2": ("lava and magma eruptions", "volcano"),
@@ -40,25 +30,7 @@ TRAIN = {
     "t6": ("moving rivers of ice", "glacier"),
 }
 TEST = {"q1": ("which insects make honey", "bees"), "q2": ("what carves valleys of ice", "glacier")}
-
-
-def _beir(root: Path) -> Path:
-    (root / "qrels").mkdir(parents=True)
-    with open(root / "corpus.jsonl", "w") as f:
-        for name, text in TOPICS.items():
-            f.write(json.dumps({"_id": f"{name}-0", "title": name.title(), "text": text}) + "\n")
-            for i in (1, 2, 3):
-                other = f"Notes {i} on {name}: a survey of municipal budget tables, page {i}."
-                f.write(json.dumps({"_id": f"{name}-{i}", "title": "", "text": other}) + "\n")
-    with open(root / "queries.jsonl", "w") as f:
-        for qid, (text, _) in {**TRAIN, **TEST}.items():
-            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
-    for split, queries in (("train", TRAIN), ("test", TEST)):
-        with open(root / "qrels" / f"{split}.tsv", "w") as f:
-            f.write("query-id\tcorpus-id\tscore\n")
-            for qid, (_, topic) in queries.items():
-                f.write(f"{qid}\t{topic}-0\t1\n")
-    return root
+Train = Callable[..., dict]  # train(out, *overrides) -> metrics: the `train` fixture
 
 
 def _teachers(path: Path) -> Path:
@@ -87,7 +59,12 @@ def _teachers(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def beir_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _beir(tmp_path_factory.mktemp("train") / "tinytrain")
+    """Six topics of four documents: one topical, three notes; each query judges its topic's document."""
+    splits = {
+        split: {qid: (text, [f"{topic}-0"]) for qid, (text, topic) in queries.items()}
+        for split, queries in (("train", TRAIN), ("test", TEST))
+    }
+    return write_beir(tmp_path_factory.mktemp("train") / "tinytrain", splits, notes=3)
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +72,11 @@ def teacher_file(beir_dir: Path) -> Path:
     return _teachers(beir_dir.parent / "teachers.parquet")
 
 
-def _cfg(beir_dir: Path, teacher_file: Path, out: Path, *overrides: str):
-    if not SPLADE.is_dir():
-        pytest.skip(f"no model at {SPLADE}")
+def _cfg(beir_dir: Path, teacher_file: Path, out: Path, *overrides: str) -> DictConfig:
     args = [
         f"dataset.path={beir_dir}",
         f"data.teacher_file={teacher_file}",
-        f"model.backbone={SPLADE}",
+        f"model.backbone={splade_tiny()}",
         f"paths.indexes_dir={out / 'indexes'}",
         "data.batch_size=3",
         "data.negatives=2",
@@ -116,12 +91,17 @@ def _cfg(beir_dir: Path, teacher_file: Path, out: Path, *overrides: str):
         "evaluate.latency_queries=2",
         *overrides,
     ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="retrieval_train", overrides=args)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+    return compose_job("retrieval_train", args, out)
+
+
+@pytest.fixture
+def train(beir_dir: Path, teacher_file: Path) -> Train:
+    """``train(out, *overrides)``: one run of the training job on the tiny folder; its metrics."""
+
+    def run(out: Path, *overrides: str) -> dict:
+        return train_cli.run(_cfg(beir_dir, teacher_file, out, *overrides))
+
+    return run
 
 
 def test_candidate_tables_combine_teachers_per_query(beir_dir: Path, teacher_file: Path) -> None:
@@ -142,14 +122,14 @@ def test_candidate_tables_combine_teachers_per_query(beir_dir: Path, teacher_fil
         candidate_tables(frame, rows, ["colbert"], 30.0, 3)
 
 
-def test_inference_free_training_end_to_end(beir_dir: Path, teacher_file: Path, tmp_path: Path) -> None:
+def test_inference_free_training_end_to_end(train: Train, tmp_path: Path) -> None:
     from transformers import AutoModelForMaskedLM
 
-    metrics = train_cli.run(_cfg(beir_dir, teacher_file, tmp_path))
+    metrics = train(tmp_path)
     model_dir = tmp_path / "model"
     assert {"config.json", "idf.json", "sparrow.json"} <= {p.name for p in model_dir.iterdir()}
     trained = AutoModelForMaskedLM.from_pretrained(model_dir)
-    original = AutoModelForMaskedLM.from_pretrained(SPLADE)
+    original = AutoModelForMaskedLM.from_pretrained(SPLADE_TINY)
     changed = [
         not torch.equal(a, b)
         for a, b in zip(trained.state_dict().values(), original.state_dict().values(), strict=True)
@@ -163,30 +143,21 @@ def test_inference_free_training_end_to_end(beir_dir: Path, teacher_file: Path, 
     assert json.loads((model_dir / "idf.json").read_text())["format"] == "sparrow-idf-1"
 
 
-def test_unit_query_weights_for_the_plain_flops_baseline(beir_dir, teacher_file, tmp_path: Path) -> None:
-    train_cli.run(_cfg(beir_dir, teacher_file, tmp_path, "model.query=ones", "trainer.max_epochs=1"))
+def test_unit_query_weights_for_the_plain_flops_baseline(train: Train, tmp_path: Path) -> None:
+    train(tmp_path, "model.query=ones", "trainer.max_epochs=1")
     table = json.loads((tmp_path / "model" / "idf.json").read_text())["idf"]
     assert set(table.values()) == {1.0}
 
 
-def test_siamese_and_trainable_idf(beir_dir: Path, teacher_file: Path, tmp_path: Path) -> None:
-    train_cli.run(_cfg(beir_dir, teacher_file, tmp_path / "s", "model.query=splade", "evaluate.split=null"))
+def test_siamese_and_trainable_idf(train: Train, beir_dir: Path, tmp_path: Path) -> None:
+    train(tmp_path / "s", "model.query=splade", "evaluate.split=null")
     assert not (tmp_path / "s" / "model" / "idf.json").exists()
     out = tmp_path / "t"
-    train_cli.run(
-        _cfg(
-            beir_dir,
-            teacher_file,
-            out,
-            "model.idf_trainable=true",
-            "module.idf_lr=0.5",
-            "evaluate.split=null",
-        )
-    )
+    train(out, "model.idf_trainable=true", "module.idf_lr=0.5", "evaluate.split=null")
     from retrieval.encoders.inference_free import InferenceFreeQueryEncoder
 
     saved = InferenceFreeQueryEncoder.load(out / "model", out / "model" / "idf.json").idf
-    fitted = InferenceFreeQueryEncoder.fit(SPLADE, _corpus_texts(beir_dir), max_length=32).idf
+    fitted = InferenceFreeQueryEncoder.fit(SPLADE_TINY, _corpus_texts(beir_dir), max_length=32).idf
     assert not torch.allclose(saved, fitted), "a trainable IDF table was not trained"
 
 
@@ -195,17 +166,8 @@ def _corpus_texts(beir_dir: Path) -> list[str]:
     return [f"{r['title']} {r['text']}".strip() for r in rows]
 
 
-def test_validation_selects_a_checkpoint(beir_dir: Path, teacher_file: Path, tmp_path: Path) -> None:
-    metrics = train_cli.run(
-        _cfg(
-            beir_dir,
-            teacher_file,
-            tmp_path,
-            "data.val_split=test",
-            "callbacks=default",
-            "evaluate.split=null",
-        )
-    )
+def test_validation_selects_a_checkpoint(train: Train, tmp_path: Path) -> None:
+    metrics = train(tmp_path, "data.val_split=test", "callbacks=default", "evaluate.split=null")
     assert 0.0 <= metrics["val"]["val/ndcg@10"] <= 1.0
     assert metrics["val"]["val/doc_nnz"] > 0
 
@@ -218,29 +180,27 @@ def test_validation_selects_a_checkpoint(beir_dir: Path, teacher_file: Path, tmp
         ("model.idf_trainable=true", ConfigError, "idf_lr"),
     ],
 )
-def test_bad_settings_fail_before_training(
-    beir_dir, teacher_file, tmp_path, override, error, message
-) -> None:
+def test_bad_settings_fail_before_training(train: Train, tmp_path: Path, override, error, message) -> None:
     with pytest.raises(error, match=message):
-        train_cli.run(_cfg(beir_dir, teacher_file, tmp_path, override))
+        train(tmp_path, override)
 
 
-def test_bad_training_files_are_refused(beir_dir: Path, teacher_file: Path, tmp_path: Path) -> None:
+def test_bad_training_files_are_refused(train: Train, teacher_file: Path, tmp_path: Path) -> None:
     bad_qrels = tmp_path / "bad.tsv"
     bad_qrels.write_text("query-id\tcorpus-id\tscore\nt1\tbees-0\t1\nt2\tno-such-doc\t1\n")
     with pytest.raises(TrainingDataError, match="no-such-doc"):
-        train_cli.run(_cfg(beir_dir, teacher_file, tmp_path, f"data.train_qrels={bad_qrels}"))
+        train(tmp_path, f"data.train_qrels={bad_qrels}")
     empty = tmp_path / "empty.parquet"
     pl.read_parquet(teacher_file).head(0).write_parquet(empty)
     with pytest.raises(TeacherScoresError, match="empty"):
-        train_cli.run(_cfg(beir_dir, teacher_file, tmp_path, f"data.teacher_file={empty}"))
+        train(tmp_path, f"data.teacher_file={empty}")
     unknown = tmp_path / "unknown.parquet"
     pl.read_parquet(teacher_file).with_columns(pl.lit("ghost").alias("query_id")).write_parquet(unknown)
     with pytest.raises(TeacherScoresError, match="ghost"):
-        train_cli.run(_cfg(beir_dir, teacher_file, tmp_path, f"data.teacher_file={unknown}"))
+        train(tmp_path, f"data.teacher_file={unknown}")
 
 
-def test_idf_file_of_another_vocabulary_is_refused(beir_dir, teacher_file, tmp_path: Path) -> None:
+def test_idf_file_of_another_vocabulary_is_refused(train: Train, tmp_path: Path) -> None:
     table = {
         "format": "sparrow-idf-1",
         "tokenizer": "x",
@@ -251,19 +211,17 @@ def test_idf_file_of_another_vocabulary_is_refused(beir_dir, teacher_file, tmp_p
     path = tmp_path / "idf.json"
     path.write_text(json.dumps(table))
     with pytest.raises(ConfigError, match="model.idf_file"):
-        train_cli.run(_cfg(beir_dir, teacher_file, tmp_path, f"model.idf_file={path}"))
+        train(tmp_path, f"model.idf_file={path}")
 
 
-def test_command_line_reports_bad_input_in_one_line(
-    beir_dir: Path, teacher_file: Path, tmp_path: Path
-) -> None:
+def test_command_line_reports_bad_input_in_one_line(beir_dir: Path, tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
         "retrieval.train",
         f"dataset.path={beir_dir}",
         f"data.teacher_file={tmp_path}/none.parquet",
-        f"model.backbone={SPLADE}",
+        f"model.backbone={SPLADE_TINY}",
         f"hydra.run.dir={tmp_path}/run",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -271,53 +229,32 @@ def test_command_line_reports_bad_input_in_one_line(
     assert "none.parquet" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_two_process_ddp_training(beir_dir: Path, teacher_file: Path, tmp_path: Path) -> None:
+def test_two_process_ddp_training(train: Train, tmp_path: Path) -> None:
     """Lightning DDP on 2 CPU processes (gloo): documents gathered across ranks, one saved model."""
-    metrics = train_cli.run(
-        _cfg(
-            beir_dir,
-            teacher_file,
-            tmp_path,
-            "+trainer.strategy=ddp_spawn",
-            "trainer.devices=2",
-            "evaluate.split=null",
-        )
-    )
+    metrics = train(tmp_path, "+trainer.strategy=ddp_spawn", "trainer.devices=2", "evaluate.split=null")
     from transformers import AutoModelForMaskedLM
 
     assert "train" in metrics and (tmp_path / "model" / "idf.json").is_file()
     trained = AutoModelForMaskedLM.from_pretrained(tmp_path / "model").state_dict()
-    original = AutoModelForMaskedLM.from_pretrained(SPLADE).state_dict()
+    original = AutoModelForMaskedLM.from_pretrained(SPLADE_TINY).state_dict()
     assert any(not torch.equal(trained[k], original[k]) for k in original), (
         "rank 0's weights did not come back"
     )
 
 
-def test_decoder_only_echo_backbone_trains_and_indexes(beir_dir, teacher_file, tmp_path: Path) -> None:
+def test_decoder_only_echo_backbone_trains_and_indexes(train: Train, tmp_path: Path) -> None:
     """A small random Llama (echo input, LM head as the vocabulary projection): train, save, index."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if not SPLADE.is_dir():
-        pytest.skip(f"no model at {SPLADE}")
-    tokenizer = AutoTokenizer.from_pretrained(SPLADE)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    llama = tmp_path / "llama"
-    LlamaForCausalLM(config).save_pretrained(llama)
-    tokenizer.save_pretrained(llama)
+    llama, tokenizer = tiny_llama()
+    llama_dir = tmp_path / "llama"
+    llama.save_pretrained(llama_dir)
+    tokenizer.save_pretrained(llama_dir)
     out = tmp_path / "run"
-    metrics = train_cli.run(
-        _cfg(beir_dir, teacher_file, out, f"model.backbone={llama}", "trainer.max_epochs=1")
-    )
+    metrics = train(out, f"model.backbone={llama_dir}", "trainer.max_epochs=1")
     assert json.loads((out / "model" / "sparrow.json").read_text())["kind"] == "splade_echo"
     trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
-    original = AutoModelForCausalLM.from_pretrained(llama).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(llama_dir).state_dict()
     assert any(not torch.equal(trained[k], original[k]) for k in original)
     # the test split was indexed with the saved echo model through the ordinary index path
     assert metrics["test"]["avg_doc_nnz"] > 0 and 0.0 <= metrics["test"]["ndcg@10"] <= 1.0
