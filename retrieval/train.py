@@ -50,6 +50,8 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"module.{key} / module.flops_warmup_steps: {err}") from err
     if cfg.model.query not in QUERY_SIDES:
         raise ConfigError(f"model.query must be one of {', '.join(QUERY_SIDES)}, got {cfg.model.query!r}")
+    if m.flops_form not in ("score", "penalty"):
+        raise ConfigError(f"module.flops_form must be score or penalty, got {m.flops_form!r}")
     if cfg.model.idf_trainable and not m.idf_lr:
         raise ConfigError("model.idf_trainable=true needs module.idf_lr > 0")
     if cfg.model.query == "splade" and (cfg.model.idf_trainable or cfg.model.idf_file):

@@ -38,7 +38,14 @@ import torch
 from torch import nn
 
 from retrieval.eval.retrieval_evaluator import RetrievalEvaluator
-from retrieval.losses import QuadraticWarmup, flops, info_nce, kl_distillation, margin_mse
+from retrieval.losses import (
+    QuadraticWarmup,
+    flops,
+    idf_weighted_flops,
+    info_nce,
+    kl_distillation,
+    margin_mse,
+)
 from retrieval.training.distributed import gather_with_grad, world
 from retrieval.types import Run
 
@@ -82,6 +89,9 @@ class SparseEncoderModule(L.LightningModule):
         flops_warmup_steps: (int) T of the quadratic warm-up, > 0.
         l0_threshold: (int | None) documents with at most this many active terms are left out
             of the FLOPS mean.
+        flops_form: (str, default "score") inference-free only: ``score`` puts the IDF in the
+            score and applies plain FLOPS to documents; ``penalty`` scores binary queries against
+            IDF-weighted contributions with the explicit 1/idf^2 FLOPS (identical gradients).
         query_max_length: (int, default 64) word-pieces per query.
         doc_max_length: (int, default 256) word-pieces per document.
         val_depth: (int, default 100) documents retrieved per validation query.
@@ -103,6 +113,7 @@ class SparseEncoderModule(L.LightningModule):
         query_flops: float = 1e-3,
         flops_warmup_steps: int = 1000,
         l0_threshold: int | None = None,
+        flops_form: str = "score",
         query_max_length: int = 64,
         doc_max_length: int = 256,
         val_depth: int = 100,
@@ -111,6 +122,8 @@ class SparseEncoderModule(L.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["net", "query_encoder"])
         self.net = net
         self.query_encoder = query_encoder
+        if flops_form not in ("score", "penalty"):
+            raise ValueError(f"flops_form must be 'score' or 'penalty', got {flops_form!r}")
         self.doc_lambda = QuadraticWarmup(doc_flops, flops_warmup_steps)
         self.query_lambda = QuadraticWarmup(query_flops, flops_warmup_steps)
         self._val_docs: list[torch.Tensor] = []
@@ -147,39 +160,62 @@ class SparseEncoderModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.train()  # Hugging Face models load in eval mode; training uses their dropout
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def scoring_form(self, q: torch.Tensor, d: torch.Tensor):
+        """(query side, document side, document regulariser) of the configured FLOPS form.
+
+        ``score`` (and every siamese model): the vectors as encoded, plain FLOPS on documents.
+        ``penalty`` (inference-free only): binary queries, documents as their contributions
+        :math:`c_j = \\mathrm{idf}_j d_j`, FLOPS on :math:`c` weighted by :math:`1/\\mathrm{idf}_j^2`
+        (:func:`~retrieval.losses.idf_weighted_flops`): the same objective and gradients.
+        """
+        l0 = self.hparams.l0_threshold
+        if self.inference_free and self.hparams.flops_form == "penalty":
+            idf = self.query_encoder.idf.clamp(min=0)  # (V,)
+            return (q > 0).to(q.dtype), d * idf, lambda docs: idf_weighted_flops(docs, idf, l0)
+        return q, d, lambda docs: flops(docs, l0)
+
+    def step_losses(self, q: torch.Tensor, d: torch.Tensor, target: torch.Tensor, step: int):
+        """Every loss term of one step and its weight.
+
+        Args:
+            q: (B, V) query vectors of this rank.
+            d: (B * c, V) documents of this rank, query-major (positive first).
+            target: (B, c) the teachers' ensemble scores.
+            step: the optimizer step (FLOPS warm-up).
+
+        Returns:
+            (losses, weights): dicts keyed ``nce``, ``kl``, ``margin_mse``, ``flops_d``, ``flops_q``.
+        """
         hp = self.hparams
-        target = batch["target"].float()  # (B, 1 + n)
         b, c = target.shape
-        q = self.encode_queries(batch["queries"]).float()  # (B, V)
-        d = self.encode_docs(batch["docs"]).float()  # (B * c, V)
+        q, d, doc_regulariser = self.scoring_form(q, d)
         docs = gather_with_grad(d)  # (W * B * c, V)
         rank, _ = world()
         scores = q @ docs.T  # (B, W * B * c)
-        targets = rank * b * c + torch.arange(b, device=self.device) * c  # each query's positive
+        targets = rank * b * c + torch.arange(b, device=q.device) * c  # each query's positive
         own = torch.einsum("bv,bcv->bc", q, d.view(b, c, -1))  # (B, c)
-
-        step = self.global_step
-        losses = {"nce": info_nce(scores, targets, hp.temperature) if hp.nce_weight else None}
+        losses, weights = {"flops_d": doc_regulariser(docs)}, {"flops_d": self.doc_lambda(step)}
+        if hp.nce_weight:
+            losses["nce"], weights["nce"] = info_nce(scores, targets, hp.temperature), hp.nce_weight
         if hp.kl_weight:
-            losses["kl"] = kl_distillation(own, target, hp.kl_temperature)
+            losses["kl"], weights["kl"] = kl_distillation(own, target, hp.kl_temperature), hp.kl_weight
         if hp.margin_mse_weight:
             losses["margin_mse"] = margin_mse(own[:, 0], own[:, 1:], target[:, 0], target[:, 1:])
-        losses["flops_d"] = flops(docs, hp.l0_threshold)
-        weights = {
-            "nce": hp.nce_weight,
-            "kl": hp.kl_weight,
-            "margin_mse": hp.margin_mse_weight,
-            "flops_d": self.doc_lambda(step),
-        }
+            weights["margin_mse"] = hp.margin_mse_weight
         if not self.inference_free:
-            losses["flops_q"] = flops(gather_with_grad(q))
-            weights["flops_q"] = self.query_lambda(step)
-        total = sum(weights[k] * v for k, v in losses.items() if v is not None)
-        logs = {f"train/{k}": v.detach() for k, v in losses.items() if v is not None}
+            losses["flops_q"], weights["flops_q"] = flops(gather_with_grad(q)), self.query_lambda(step)
+        return losses, weights
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        target = batch["target"].float()  # (B, 1 + n)
+        q = self.encode_queries(batch["queries"]).float()  # (B, V)
+        d = self.encode_docs(batch["docs"]).float()  # (B * (1 + n), V)
+        losses, weights = self.step_losses(q, d, target, self.global_step)
+        total = sum(weights[k] * v for k, v in losses.items())
+        logs = {f"train/{k}": v.detach() for k, v in losses.items()}
         logs |= {"train/loss": total.detach(), "train/doc_nnz": nnz(d), "train/query_nnz": nnz(q)}
         logs["train/lambda_d"] = torch.tensor(weights["flops_d"])
-        self.log_dict(logs, batch_size=b, on_step=True, on_epoch=True, sync_dist=world()[1] > 1)
+        self.log_dict(logs, batch_size=len(q), on_step=True, on_epoch=True, sync_dist=world()[1] > 1)
         return total
 
     def configure_optimizers(self):

@@ -177,6 +177,7 @@ def test_validation_selects_a_checkpoint(train: Train, tmp_path: Path) -> None:
     [
         ("module.flops_warmup_steps=0", ConfigError, "T must be > 0"),
         ("model.query=bm25", ConfigError, "model.query must be one of"),
+        ("module.flops_form=l1", ConfigError, "module.flops_form must be"),
         ("model.idf_trainable=true", ConfigError, "idf_lr"),
     ],
 )

@@ -1,0 +1,65 @@
+"""SparseEncoderModule's losses on real splade-tiny: the two IDF-aware FLOPS forms agree.
+
+(A wrong penalty, e.g. plain FLOPS on the IDF-weighted contributions, changes the gradients:
+tests/retrieval/test_losses.py shows that on the loss functions themselves.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrieval.models import load_sparse_model
+from retrieval.models.idf_query import IdfQueryEncoder
+from retrieval.training.module import SparseEncoderModule
+from tests.retrieval.helpers import splade_tiny
+
+DOCS = [
+    "Vitamin D deficiency is associated with fractures in older adults.",
+    "Statins reduce LDL cholesterol and cardiovascular events.",
+    "Honey bees pollinate crops and produce honey.",
+    "Insulin lowers blood glucose; diabetes follows when it fails.",
+    "A comet has a tail of gas and dust.",
+    "Glaciers carve valleys as they move downhill.",
+]
+QUERIES = ["vitamin d and bone fractures", "what lowers blood sugar"]
+
+
+def _gradients(form: str, weights: dict[str, float]) -> tuple[dict[str, torch.Tensor], float]:
+    torch.manual_seed(0)
+    net = load_sparse_model(str(splade_tiny())).double().train()
+    idf = IdfQueryEncoder.fit(str(splade_tiny()), DOCS, max_length=64)
+    idf.idf.mul_(torch.linspace(0.05, 2.0, idf.idf.numel()))  # uneven IDF, some tiny values
+    module = SparseEncoderModule(
+        net,
+        idf,
+        flops_form=form,
+        doc_flops=weights["flops"],
+        flops_warmup_steps=1,
+        **{k: v for k, v in weights.items() if k != "flops"},
+    )
+    module.double()
+    torch.manual_seed(1)  # same dropout masks in both forms
+    q = module.encode_queries(QUERIES)  # (2, V)
+    d = module.encode_docs(DOCS)  # (6, V): 2 queries x (1 positive + 2 negatives)
+    target = torch.tensor([[30.0, 10.0, 0.0], [30.0, 5.0, 20.0]], dtype=torch.float64)
+    losses, w = module.step_losses(q, d, target, step=5)
+    total = sum(w[k] * v for k, v in losses.items())
+    total.backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}, total.item()
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        {"flops": 1e-2, "nce_weight": 1.0, "kl_weight": 0.0},
+        {"flops": 1e-1, "nce_weight": 0.0, "kl_weight": 1.0, "margin_mse_weight": 0.5},
+    ],
+)
+def test_score_and_penalty_forms_give_the_same_gradients(weights: dict[str, float]) -> None:
+    score, loss_score = _gradients("score", weights)
+    penalty, loss_penalty = _gradients("penalty", weights)
+    assert loss_score == pytest.approx(loss_penalty, rel=1e-9)
+    assert score.keys() == penalty.keys() and len(score) > 10
+    for name in score:
+        torch.testing.assert_close(score[name], penalty[name], rtol=1e-7, atol=1e-12, msg=name)
