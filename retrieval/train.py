@@ -135,7 +135,10 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     net = load_sparse_model(str(cfg.model.backbone), chunk_size=cfg.model.chunk_size)
     module: SparseEncoderModule = instantiate(cfg.module, net=net, query_encoder=query_side(cfg, net, data))
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    no_validation = {} if data.val is not None else {"limit_val_batches": 0}
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger), **no_validation
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     timings = {"fit": time.perf_counter() - start}
