@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _bench import cpu_model, publish  # noqa: E402
 
 from retrieval.data.beir import load_beir  # noqa: E402
+from retrieval.data.teacher_scores import teacher_columns  # noqa: E402
 from retrieval.eval.retrieval_evaluator import RetrievalEvaluator  # noqa: E402
 from retrieval.losses import ensemble_teacher_scores  # noqa: E402
-from retrieval.teachers import teacher_columns  # noqa: E402
 from retrieval.types import Run  # noqa: E402
 
 COMBINATIONS = (("bm25", "dense", "splade"), ("bm25", "dense"), ("bm25", "splade"), ("dense", "splade"))

@@ -17,7 +17,8 @@ import hydra
 from omegaconf import DictConfig
 
 from retrieval.data.errors import DataFormatError, DatasetNotFoundError
-from retrieval.data.training import TeacherScoresError, TrainingDataError
+from retrieval.data.teacher_scores import TeacherScoresError
+from retrieval.data.training import TrainingDataError
 from retrieval.index.manifest import IndexFormatError
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,7 @@ Checks, before any model sees the data:
 * queries with no positive judgement are dropped (INFO line): nothing can be learnt from them;
 * nothing left is an error.
 
-:class:`TeacherScoresError` (for files written by :mod:`retrieval.teachers`) lives here too, so
-that :mod:`retrieval.cli` can list both as user errors without importing the teachers job.
+The teacher-score file's reader and its error are in :mod:`retrieval.data.teacher_scores`.
 """
 
 from __future__ import annotations
@@ -43,10 +42,6 @@ SHOWN = 3  # offending lines quoted per kind of problem
 
 class TrainingDataError(ValueError):
     """Training queries or judgements that cannot be trained on; the message names the file."""
-
-
-class TeacherScoresError(ValueError):
-    """A teacher-scores file (:mod:`retrieval.teachers`) that cannot be used; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -299,4 +294,4 @@ def load_training_set(
     return training
 
 
-__all__ = ["TeacherScoresError", "TrainingDataError", "TrainingSet", "load_training_set", "read_queries"]
+__all__ = ["TrainingDataError", "TrainingSet", "load_training_set", "read_queries"]

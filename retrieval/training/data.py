@@ -27,9 +27,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from retrieval.data.beir import BeirData, load_beir
+from retrieval.data.teacher_scores import read_teacher_scores, teacher_columns
 from retrieval.data.training import TrainingDataError, TrainingSet, load_training_set
 from retrieval.losses import ensemble_teacher_scores
-from retrieval.teachers import read_teacher_scores, teacher_columns
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,14 @@ import pytest
 from retrieval import teachers as teachers_cli
 from retrieval.cli import ConfigError
 from retrieval.data.beir import load_beir
-from retrieval.data.training import TeacherScoresError, TrainingSet, load_training_set
+from retrieval.data.teacher_scores import (
+    TEACHER_COLUMNS,
+    TeacherScoresError,
+    read_teacher_scores,
+    teacher_columns,
+)
+from retrieval.data.training import TrainingSet, load_training_set
 from retrieval.pipeline import document_texts
-from retrieval.teachers import TEACHER_COLUMNS, read_teacher_scores, teacher_columns
 from tests.retrieval.helpers import SPLADE_TINY, compose_job, write_beir
 
 REPO = Path(__file__).resolve().parents[2]

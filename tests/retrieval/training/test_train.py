@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from retrieval import train as train_cli
 from retrieval.cli import ConfigError
-from retrieval.data.training import TeacherScoresError, TrainingDataError
+from retrieval.data.teacher_scores import TeacherScoresError
+from retrieval.data.training import TrainingDataError
 from retrieval.training.data import SparseTrainingData, candidate_tables
 from tests.retrieval.helpers import SPLADE_TINY, TOPICS, compose_job, splade_tiny, tiny_llama, write_beir
 
