@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import polars as pl
@@ -30,6 +31,7 @@ from retrieval.data.beir import BeirData, load_beir
 from retrieval.data.teacher_scores import read_teacher_scores, teacher_columns
 from retrieval.data.training import TrainingDataError, TrainingSet, load_training_set
 from retrieval.losses import ensemble_teacher_scores
+from retrieval.types import Qrels
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,10 @@ class SparseTrainingData(L.LightningDataModule):
         drop_unknown: (bool, default False) skip judgements naming unknown ids instead of refusing.
         val_split: (str | None, default None) a qrels split for validation (NDCG@10 over the
             whole corpus); None: no validation.
+        val_fraction: (float, default 0) instead of ``val_split``: hold this fraction of the
+            training queries out for validation (never trained on), for datasets without a dev
+            split; chosen by ``val_seed``, the same for every training seed.
+        val_seed: (int, default 0) seed of the held-out draw.
         root: (str | None) the datasets root.
         path: (str | None) a BEIR folder anywhere; overrides ``dataset``.
         teachers: (list[str]) teacher columns combined into the distillation target.
@@ -201,6 +207,8 @@ class SparseTrainingData(L.LightningDataModule):
         eval_batch_size: int = 64,
         num_workers: int = 0,
         path: str | None = None,
+        val_fraction: float = 0.0,
+        val_seed: int = 0,
     ):
         super().__init__()
         if negatives < 1:
@@ -209,7 +217,12 @@ class SparseTrainingData(L.LightningDataModule):
             raise TrainingDataError(f"batch_size must be >= 1, got {batch_size}")
         self.dataset, self.teacher_file, self.split = path or dataset, teacher_file, split
         self.train_queries, self.train_qrels, self.drop_unknown = train_queries, train_qrels, drop_unknown
+        if not 0.0 <= val_fraction < 1.0:
+            raise TrainingDataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if val_fraction and val_split:
+            raise TrainingDataError("give val_split or val_fraction, not both")
         self.val_split, self.root = val_split, root
+        self.val_fraction, self.val_seed = val_fraction, val_seed
         self.teachers, self.teacher_scale = list(teachers), teacher_scale
         self.negatives, self.negative_depth = negatives, negative_depth
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
@@ -224,6 +237,9 @@ class SparseTrainingData(L.LightningDataModule):
         data = load_beir(self.dataset, split=self.split, root=self.root)
         self.training = load_training_set(data, self.train_queries, self.train_qrels, self.drop_unknown)
         frame = read_teacher_scores(self.teacher_file, self.training)
+        if self.val_fraction:
+            self.val = held_out(self.training, self.val_fraction, self.val_seed)
+            frame = frame.filter(~pl.col("query_id").is_in(self.val.queries["query_id"].implode()))
         doc_row = dict(zip(self.training.corpus["doc_id"], self.training.corpus["doc"], strict=True))
         cands = candidate_tables(frame, doc_row, self.teachers, self.teacher_scale, self.negative_depth)
         texts = corpus_texts(self.training.corpus)
@@ -238,6 +254,8 @@ class SparseTrainingData(L.LightningDataModule):
         )
         if self.val_split:
             self.val = load_beir(self.dataset, split=self.val_split, root=self.root)
+        if self.val is not None:
+            log.info("validation: %s", self.val)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -266,3 +284,24 @@ class SparseTrainingData(L.LightningDataModule):
         return DataLoader(
             DocumentBatches(self.corpus_texts), batch_size=self.eval_batch_size, collate_fn=list
         )
+
+
+def held_out(training: TrainingSet, fraction: float, seed: int) -> BeirData:
+    """A validation split of ``fraction`` of the training queries (at least 1, never all).
+
+    Drawn by a seeded permutation of the sorted query ids, so it depends on the data and
+    ``seed`` only. The caller removes these queries from training.
+
+    Raises:
+        TrainingDataError: fewer than 2 training queries.
+    """
+    qids = sorted(training.queries)
+    if len(qids) < 2:
+        raise TrainingDataError(f"{training.name}: {len(qids)} training queries; cannot hold any out")
+    n = min(len(qids) - 1, max(1, round(fraction * len(qids))))
+    order = torch.randperm(len(qids), generator=torch.Generator().manual_seed(seed))[:n]
+    chosen = sorted(qids[i] for i in order.tolist())
+    queries = pl.DataFrame({"query_id": chosen, "text": [training.queries[q] for q in chosen]})
+    qrels = Qrels({q: training.qrels[q] for q in chosen}, name=f"{training.name}-heldout")
+    split = f"{Path(training.qrels_path).stem}, {n} held-out queries (seed {seed})"
+    return BeirData(training.name, split, training.corpus, queries, qrels, training.dataset_path)

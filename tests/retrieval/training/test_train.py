@@ -167,8 +167,22 @@ def _corpus_texts(beir_dir: Path) -> list[str]:
     return [f"{r['title']} {r['text']}".strip() for r in rows]
 
 
-def test_validation_selects_a_checkpoint(train: Train, tmp_path: Path) -> None:
-    metrics = train(tmp_path, "data.val_split=test", "callbacks=default", "evaluate.split=null")
+def test_held_out_training_queries_validate_and_are_never_trained_on(beir_dir, teacher_file) -> None:
+    data = SparseTrainingData(str(beir_dir), str(teacher_file), negatives=2, val_fraction=0.34, val_seed=3)
+    data.prepare()
+    held = set(data.val.queries["query_id"].to_list())
+    assert len(held) == 2 and set(data.val.qrels) == held  # round(0.34 * 6)
+    assert held.isdisjoint(data.examples.query_ids) and len(data.examples) == 4
+    again = SparseTrainingData(str(beir_dir), str(teacher_file), negatives=2, val_fraction=0.34, val_seed=3)
+    again.prepare()
+    assert set(again.val.queries["query_id"].to_list()) == held  # the draw depends on the seed only
+    with pytest.raises(TrainingDataError, match="not both"):
+        SparseTrainingData(str(beir_dir), str(teacher_file), val_split="test", val_fraction=0.2)
+
+
+@pytest.mark.parametrize("validation", ["data.val_split=test", "data.val_fraction=0.34"])
+def test_validation_selects_a_checkpoint(train: Train, tmp_path: Path, validation: str) -> None:
+    metrics = train(tmp_path, validation, "callbacks=default", "evaluate.split=null")
     assert 0.0 <= metrics["val"]["val/ndcg@10"] <= 1.0
     assert metrics["val"]["val/doc_nnz"] > 0
 
