@@ -147,19 +147,6 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-class DocumentBatches(Dataset):
-    """Corpus texts in order, for encoding every document at validation."""
-
-    def __init__(self, texts: list[str]):
-        self.texts = texts
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, i: int) -> str:
-        return self.texts[i]
-
-
 class SparseTrainingData(L.LightningDataModule):
     """Training examples from a BEIR dataset and its teacher-score file; validation on a split.
 
@@ -282,7 +269,9 @@ class SparseTrainingData(L.LightningDataModule):
         if self.val is None:
             return []
         return DataLoader(
-            DocumentBatches(self.corpus_texts), batch_size=self.eval_batch_size, collate_fn=list
+            self.corpus_texts,
+            batch_size=self.eval_batch_size,
+            collate_fn=list,  # batches of texts
         )
 
 

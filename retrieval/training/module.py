@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from retrieval.eval.retrieval_evaluator import RetrievalEvaluator
+from retrieval.index.manifest import replace_directory
 from retrieval.losses import (
     QuadraticWarmup,
     flops,
@@ -272,9 +274,12 @@ class SparseEncoderModule(L.LightningModule):
     def save_model(self, directory: str | Path) -> Path:
         """Write a Hugging Face-loadable directory (+ ``idf.json`` when inference-free)."""
         directory = Path(directory)
-        self.net.save_pretrained(directory)
+        work = directory.with_name(directory.name + ".partial")  # all files, then one rename
+        shutil.rmtree(work, ignore_errors=True)
+        self.net.save_pretrained(work)
         if self.inference_free:
-            self.query_encoder.save(directory)
+            self.query_encoder.save(work)
+        replace_directory(work, directory)
         log.info("model saved to %s", directory)
         return directory
 
