@@ -259,6 +259,11 @@ class SparseEncoderModule(L.LightningModule):
         for chunk in chunks:
             active.index_add_(0, chunk.col_indices(), torch.ones_like(chunk.values()))
         n_docs = sum(chunk.shape[0] for chunk in chunks)
+        if not active.any():
+            log.warning(
+                "every document encodes to an empty vector (collapsed); lower the learning rate, "
+                "the FLOPS weight, or add distillation (module.kl_weight)"
+            )
         self.log_dict(
             {
                 "val/ndcg@10": metrics["ndcg@10"],
