@@ -146,16 +146,8 @@ class SparseEncoderModule(L.LightningModule):
         if not self.inference_free:
             batch = self.net.tokenize(texts, self.hparams.query_max_length)
             return self.net(**{k: v.to(self.device) for k, v in batch.items()})
-        tokens = self.net.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.hparams.query_max_length,
-            return_tensors="pt",
-        )
-        return self.query_encoder(
-            tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        )
+        tokens = self.query_encoder.tokenize(texts, self.hparams.query_max_length)  # as the index side
+        return self.query_encoder(**{k: v.to(self.device) for k, v in tokens.items()})
 
     # --- training -------------------------------------------------------------------------------
 
