@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval.cli import ConfigError
-from retrieval.data.beir import BeirData, load_beir
+from retrieval.data.beir import BeirData, document_texts, load_beir
 from retrieval.index.manifest import Manifest, check_encoder, checksum, read_manifest
 from retrieval.types import Run
 
@@ -50,11 +50,6 @@ def index_dir_of(cfg: DictConfig, data: BeirData) -> Path:
     if cfg.get("index_dir"):
         return Path(cfg.index_dir)
     return Path(cfg.paths.indexes_dir) / data.name / cfg.index.kind
-
-
-def document_texts(data: BeirData) -> list[str]:
-    """``title + " " + text`` of every document, stripped (BEIR's and Pyserini's convention)."""
-    return [f"{t} {x}".strip() for t, x in zip(data.corpus["title"], data.corpus["text"], strict=True)]
 
 
 def _check_index_cfg(cfg: DictConfig) -> None:
@@ -82,7 +77,7 @@ def build_index(cfg: DictConfig, data: BeirData, index_dir: Path, overwrite: boo
         return build_bm25(
             data.corpus, index_dir, corpus_path, cfg.threads, overwrite, k1=cfg.index.k1, b=cfg.index.b
         )
-    texts = document_texts(data)
+    texts = document_texts(data.corpus)
     encoding_dir = encoding_cache(index_dir, cfg.index.encoder)
     if kind == "faiss":
         return _build_faiss(cfg, doc_ids, texts, index_dir, encoding_dir, corpus_path, overwrite)
@@ -278,7 +273,7 @@ def _sparse_query_encoder(cfg: DictConfig, index_dir: Path, manifest: Manifest, 
     elif idf_path.is_file():
         encoder = InferenceFreeQueryEncoder.load(manifest.tokenizer, idf_path)
     else:  # fitted once on the corpus with the documents' tokenizer, then kept beside the index
-        encoder = InferenceFreeQueryEncoder.fit(manifest.tokenizer, document_texts(data))
+        encoder = InferenceFreeQueryEncoder.fit(manifest.tokenizer, document_texts(data.corpus))
         encoder.save(idf_path)
     return encoder
 
@@ -353,7 +348,6 @@ __all__ = [
     "KINDS",
     "build_index",
     "directory_size",
-    "document_texts",
     "ensure_index",
     "index_dir_of",
     "load_dataset",

@@ -64,13 +64,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from retrieval.cli import ConfigError, entry_point
+from retrieval.data.beir import document_texts
 from retrieval.data.teacher_scores import TEACHER_COLUMNS, check_teacher_scores
 from retrieval.data.training import TrainingSet, load_training_set
 from retrieval.eval.report import atomic_write_text
 from retrieval.index.manifest import sparrow_version
 from retrieval.pipeline import (
     SearchFn,
-    document_texts,
     encoding_cache,
     ensure_index,
     index_dir_of,
@@ -336,7 +336,7 @@ def _score(cfg, teachers, data, training, frame, runs, miners, bm25_k) -> tuple[
     """``frame`` with one float32 column per teacher, and each teacher's model (name, checksum)."""
     q_rows, d_rows = _row_indices(frame, list(training.queries), data.corpus)
     texts = list(training.queries.values())
-    doc_texts = document_texts(data) if {"dense", "splade"} & set(teachers) else []
+    doc_texts = document_texts(data.corpus) if {"dense", "splade"} & set(teachers) else []
     models, scores = {}, {}
     for teacher in teachers:
         log.info("teacher %s: scoring %d (query, candidate) pairs", teacher, frame.height)

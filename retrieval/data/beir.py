@@ -91,6 +91,11 @@ class BeirData:
         )
 
 
+def document_texts(corpus: pl.DataFrame) -> list[str]:
+    """``title + " " + text`` of every document, stripped (BEIR's and Pyserini's convention)."""
+    return [f"{t} {x}".strip() for t, x in zip(corpus["title"], corpus["text"], strict=True)]
+
+
 # --------------------------------------------------------------------------- parsing
 
 

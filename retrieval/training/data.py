@@ -27,18 +27,13 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.data.beir import BeirData, load_beir
+from retrieval.data.beir import BeirData, document_texts, load_beir
 from retrieval.data.teacher_scores import read_teacher_scores, teacher_columns
 from retrieval.data.training import TrainingDataError, TrainingSet, load_training_set
 from retrieval.losses import ensemble_teacher_scores
 from retrieval.types import Qrels
 
 log = logging.getLogger(__name__)
-
-
-def corpus_texts(corpus: pl.DataFrame) -> list[str]:
-    """``title + " " + text`` of every document, stripped (BEIR's convention), in ``doc`` order."""
-    return [f"{t} {x}".strip() for t, x in zip(corpus["title"], corpus["text"], strict=True)]
 
 
 @dataclass(frozen=True)
@@ -229,7 +224,7 @@ class SparseTrainingData(L.LightningDataModule):
             frame = frame.filter(~pl.col("query_id").is_in(self.val.queries["query_id"].implode()))
         doc_row = dict(zip(self.training.corpus["doc_id"], self.training.corpus["doc"], strict=True))
         cands = candidate_tables(frame, doc_row, self.teachers, self.teacher_scale, self.negative_depth)
-        texts = corpus_texts(self.training.corpus)
+        texts = document_texts(self.training.corpus)
         self.examples = TrainingExamples(cands, self.training.queries, texts, self.negatives)
         log.info(
             "training data: %d queries, 1 positive + %d hard negatives each; teachers %s (S=%g) from %s",

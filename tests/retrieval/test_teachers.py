@@ -14,7 +14,7 @@ import pytest
 
 from retrieval import teachers as teachers_cli
 from retrieval.cli import ConfigError
-from retrieval.data.beir import load_beir
+from retrieval.data.beir import document_texts, load_beir
 from retrieval.data.teacher_scores import (
     TEACHER_COLUMNS,
     TeacherScoresError,
@@ -22,7 +22,6 @@ from retrieval.data.teacher_scores import (
     teacher_columns,
 )
 from retrieval.data.training import TrainingSet, load_training_set
-from retrieval.pipeline import document_texts
 from tests.retrieval.helpers import SPLADE_TINY, compose_job, write_beir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,7 +142,7 @@ def test_dense_equals_direct_minilm_dot_products(job: dict, frame: pl.DataFrame)
 
     encoder = DenseEncoder()
     qids, docs = _pairs(frame)
-    texts = dict(zip(job["data"].corpus["doc_id"], document_texts(job["data"]), strict=True))
+    texts = dict(zip(job["data"].corpus["doc_id"], document_texts(job["data"].corpus), strict=True))
     q = encoder.encode([QUERIES[x][0] for x in qids])  # (P, d)
     d = encoder.encode([texts[x] for x in docs])  # (P, d)
     assert frame["dense"].to_list() == pytest.approx((q * d).sum(1).tolist(), abs=1e-5)
@@ -160,7 +159,7 @@ def test_splade_equals_direct_splade_dot_products(job: dict, frame: pl.DataFrame
 
     encoder = SpladeEncoder(SPLADE_TINY)
     qids, docs = _pairs(frame)
-    texts = dict(zip(job["data"].corpus["doc_id"], document_texts(job["data"]), strict=True))
+    texts = dict(zip(job["data"].corpus["doc_id"], document_texts(job["data"].corpus), strict=True))
     q = encoder.encode([QUERIES[x][0] for x in qids]).to_dense()  # (P, V)
     d = encoder.encode([texts[x] for x in docs]).to_dense()  # (P, V)
     expected = (q.double() * d.double()).sum(1).tolist()
