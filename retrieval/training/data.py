@@ -126,19 +126,30 @@ class TrainingExamples(Dataset):
         else:
             neg = neg_cols[torch.randint(len(neg_cols), (self.negatives,))]  # (n,) with replacement
         cols = torch.cat([pos, neg])  # (1 + n,)
+        rows = self.docs[i, cols]  # (1 + n,) corpus rows
         return {
             "query": self.query_texts[i],
-            "docs": [self.doc_texts[j] for j in self.docs[i, cols].tolist()],
+            "docs": [self.doc_texts[j] for j in rows.tolist()],
+            "rows": rows,
+            "positives": self.docs[i, pos_cols],  # (P,) corpus rows of every judged positive
             "target": self.target[i, cols],  # (1 + n,)
         }
 
 
 def collate(items: list[dict]) -> dict:
-    """Texts stay texts (the module tokenizes them); targets stack to (B, 1 + n)."""
+    """Texts stay texts (the module tokenizes them); targets and corpus rows stack to (B, 1 + n).
+
+    ``positive_rows`` (B, P_max) holds each query's judged positives, padded with -1, so the
+    module can keep a query's other positives out of its in-batch negatives.
+    """
     return {
         "queries": [it["query"] for it in items],  # B
         "docs": [d for it in items for d in it["docs"]],  # B * (1 + n), query-major
         "target": torch.stack([it["target"] for it in items]),  # (B, 1 + n)
+        "doc_rows": torch.stack([it["rows"] for it in items]),  # (B, 1 + n)
+        "positive_rows": torch.nn.utils.rnn.pad_sequence(
+            [it["positives"] for it in items], batch_first=True, padding_value=-1
+        ),  # (B, P_max)
     }
 
 

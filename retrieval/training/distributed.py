@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_with_grad", "world"]
+__all__ = ["gather", "gather_with_grad", "world"]
 
 _MAX_DIMS = 8  # rank of the tensors whose shapes are checked across ranks
 
@@ -109,3 +109,15 @@ def gather_with_grad(x: Tensor) -> Tensor:
         return x
     _check_same_shape(x, world_size)
     return _GatherWithGrad.apply(x)
+
+
+def gather(x: Tensor) -> Tensor:
+    """Concatenate every rank's ``x`` along dim 0 without autograd (ids, labels); ``x`` alone
+    when not distributed. Shapes must match across ranks, as for :func:`gather_with_grad`."""
+    _, world_size = world()
+    if world_size == 1:
+        return x
+    _check_same_shape(x, world_size)
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)  # (W * b, ...)

@@ -16,7 +16,9 @@ Per step, with B queries, each with 1 positive and n hard negatives (documents q
         + \gamma\, \mathrm{MarginMSE}(s, t) + \lambda_d(t)\, \mathrm{FLOPS}(D)
         + \lambda_q(t)\, \mathrm{FLOPS}(Q)
 
-* InfoNCE over every document of the (gathered, global) batch: in-batch and hard negatives;
+* InfoNCE over every document of the (gathered, global) batch: in-batch and hard negatives; a
+  document judged relevant to the query (another of its positives, possibly sampled for another
+  query) is left out of its denominator rather than pushed down as a false negative;
 * KL and MarginMSE over each query's own 1 + n candidates against the teachers' ensemble;
 * FLOPS over the gathered global batch, with the quadratic warm-up
   :math:`\lambda(t) = \lambda \min(1, (t/T)^2)`; the query term only for siamese models.
@@ -48,7 +50,7 @@ from retrieval.losses import (
     kl_distillation,
     margin_mse,
 )
-from retrieval.training.distributed import gather_with_grad, world
+from retrieval.training.distributed import gather, gather_with_grad, world
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,26 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, tot
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def in_batch_false_negatives(doc_rows: torch.Tensor, positive_rows: torch.Tensor) -> torch.Tensor:
+    """Which documents of the global batch are judged relevant to each local query.
+
+    Args:
+        doc_rows: (B, c) corpus rows of this rank's documents, query-major, positive first.
+        positive_rows: (B, P) corpus rows of each local query's judged positives, -1 padding.
+
+    Returns:
+        (B, W * B * c) bool, True where the column's document is one of the row's positives but
+        not the row's own target column: the InfoNCE mask (those columns are ignored).
+    """
+    b, c = doc_rows.shape
+    rows = gather(doc_rows.reshape(-1))  # (W * B * c,)
+    relevant = (rows[None, :, None] == positive_rows[:, None, :]).any(-1)  # (B, W * B * c)
+    rank, _ = world()
+    local = torch.arange(b, device=rows.device)  # (B,)
+    relevant[local, rank * b * c + local * c] = False  # each query's own target stays
+    return relevant
 
 
 def nnz(weights: torch.Tensor) -> torch.Tensor:
@@ -168,7 +190,14 @@ class SparseEncoderModule(L.LightningModule):
             return (q > 0).to(q.dtype), d * idf, lambda docs: idf_weighted_flops(docs, idf, l0)
         return q, d, lambda docs: flops(docs, l0)
 
-    def step_losses(self, q: torch.Tensor, d: torch.Tensor, target: torch.Tensor, step: int):
+    def step_losses(
+        self,
+        q: torch.Tensor,
+        d: torch.Tensor,
+        target: torch.Tensor,
+        step: int,
+        false_negatives: torch.Tensor | None = None,
+    ):
         """Every loss term of one step and its weight.
 
         Args:
@@ -176,6 +205,8 @@ class SparseEncoderModule(L.LightningModule):
             d: (B * c, V) documents of this rank, query-major (positive first).
             target: (B, c) the teachers' ensemble scores.
             step: the optimizer step (FLOPS warm-up).
+            false_negatives: (B, W * B * c) bool or None, columns left out of each query's
+                InfoNCE (:func:`in_batch_false_negatives`).
 
         Returns:
             (losses, weights): dicts keyed ``nce``, ``kl``, ``margin_mse``, ``flops_d``, ``flops_q``.
@@ -190,7 +221,7 @@ class SparseEncoderModule(L.LightningModule):
         own = torch.einsum("bv,bcv->bc", q, d.view(b, c, -1))  # (B, c)
         losses, weights = {"flops_d": doc_regulariser(docs)}, {"flops_d": self.doc_lambda(step)}
         if hp.nce_weight:
-            losses["nce"], weights["nce"] = info_nce(scores, targets, hp.temperature), hp.nce_weight
+            losses["nce"], weights["nce"] = info_nce(scores, targets, hp.temperature, false_negatives), hp.nce_weight
         if hp.kl_weight:
             losses["kl"], weights["kl"] = kl_distillation(own, target, hp.kl_temperature), hp.kl_weight
         if hp.margin_mse_weight:
@@ -204,7 +235,10 @@ class SparseEncoderModule(L.LightningModule):
         target = batch["target"].float()  # (B, 1 + n)
         q = self.encode_queries(batch["queries"]).float()  # (B, V)
         d = self.encode_docs(batch["docs"]).float()  # (B * (1 + n), V)
-        losses, weights = self.step_losses(q, d, target, self.global_step)
+        false_negatives = None
+        if self.hparams.nce_weight:
+            false_negatives = in_batch_false_negatives(batch["doc_rows"], batch["positive_rows"])
+        losses, weights = self.step_losses(q, d, target, self.global_step, false_negatives)
         total = sum(weights[k] * v for k, v in losses.items())
         logs = {f"train/{k}": v.detach() for k, v in losses.items()}
         logs |= {"train/loss": total.detach(), "train/doc_nnz": nnz(d), "train/query_nnz": nnz(q)}

@@ -12,11 +12,16 @@ import torch.multiprocessing as mp
 
 from retrieval.losses import flops, info_nce
 from retrieval.training.distributed import gather_with_grad, world
+from retrieval.training.module import in_batch_false_negatives
 
 WORLD_SIZE = 2
 FEATURES, VOCAB = 6, 10
 QUERIES, DOCS_PER_QUERY = 4, 3  # each query: 1 positive + 2 hard negatives
 LAM = 0.5
+
+
+DOC_ROWS = torch.tensor([[0, 1, 2], [3, 4, 1], [5, 0, 6], [7, 8, 9]])  # (QUERIES, 3) corpus rows
+POSITIVE_ROWS = torch.tensor([[0, 5], [3, 9], [5, -1], [7, 1]])  # judged positives, -1 padding
 
 
 def encode(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +72,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 for name, gather in (("gathered", True), ("local_flops", False))
             },
         }
+        result["false_negatives"] = in_batch_false_negatives(
+            DOC_ROWS[rank * per_rank : (rank + 1) * per_rank],
+            POSITIVE_ROWS[rank * per_rank : (rank + 1) * per_rank],
+        )
         uneven = torch.zeros(2 + rank, VOCAB)
         try:
             gather_with_grad(uneven)
@@ -113,3 +122,13 @@ def test_identity_when_not_distributed() -> None:
     assert world() == (0, 1)
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_with_grad(x) is x
+
+
+def test_false_negative_mask_spans_every_rank(rank_results: list[dict]) -> None:
+    """Each rank masks its queries' positives among the documents of every rank."""
+    single = in_batch_false_negatives(DOC_ROWS, POSITIVE_ROWS)  # (4, 12)
+    # q0: rows 5 and 0 (cols 6, 7); q1: row 9 (col 11); q2: none; q3: row 1 (cols 1, 5)
+    assert single.nonzero().tolist() == [[0, 6], [0, 7], [1, 11], [3, 1], [3, 5]]
+    per_rank = QUERIES // WORLD_SIZE
+    for rank, result in enumerate(rank_results):
+        assert torch.equal(result["false_negatives"], single[rank * per_rank : (rank + 1) * per_rank])

@@ -11,7 +11,7 @@ import torch
 
 from retrieval.models import load_sparse_model
 from retrieval.models.idf_query import IdfQueryEncoder
-from retrieval.training.module import SparseEncoderModule
+from retrieval.training.module import SparseEncoderModule, in_batch_false_negatives
 from tests.retrieval.helpers import splade_tiny
 
 DOCS = [
@@ -63,3 +63,26 @@ def test_score_and_penalty_forms_give_the_same_gradients(weights: dict[str, floa
     assert score.keys() == penalty.keys() and len(score) > 10
     for name in score:
         torch.testing.assert_close(score[name], penalty[name], rtol=1e-7, atol=1e-12, msg=name)
+
+
+def test_in_batch_positives_of_a_query_are_not_its_negatives() -> None:
+    # two queries x (1 positive + 1 negative); corpus rows: q0 -> [5, 7], q1 -> [7, 9]
+    doc_rows = torch.tensor([[5, 7], [7, 9]])
+    positive_rows = torch.tensor([[5, 9, -1], [7, -1, -1]])  # q0 judges 5 and 9; q1 judges 7
+    mask = in_batch_false_negatives(doc_rows, positive_rows)
+    # q0: column 3 (row 9) is its other positive; q1: column 1 (row 7, q0's negative) is its
+    # positive too, but its own target column 2 (also row 7) is kept
+    assert mask.tolist() == [[False, False, False, True], [False, True, False, False]]
+
+    net = load_sparse_model(str(splade_tiny())).double()
+    idf = IdfQueryEncoder.fit(str(splade_tiny()), DOCS, max_length=64)
+    module = SparseEncoderModule(net, idf, nce_weight=1.0, doc_flops=0.0, flops_warmup_steps=1).double()
+    q = module.encode_queries(QUERIES)  # (2, V)
+    d = module.encode_docs(DOCS[:4])  # (4, V)
+    target = torch.zeros(2, 2, dtype=torch.float64)
+    masked, _ = module.step_losses(q, d, target, step=1, false_negatives=mask)
+    plain, _ = module.step_losses(q, d, target, step=1)
+    scores = q @ d.T  # (2, 4)
+    expected = -(scores[0, 0] - scores[0, :3].logsumexp(0) + scores[1, 2] - scores[1, [0, 2, 3]].logsumexp(0)) / 2
+    assert masked["nce"].item() == pytest.approx(expected.item(), rel=1e-12)
+    assert masked["nce"].item() < plain["nce"].item()  # the false negatives only added to the denominator

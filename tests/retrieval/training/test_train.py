@@ -119,6 +119,8 @@ def test_candidate_tables_combine_teachers_per_query(beir_dir: Path, teacher_fil
     assert cands.negative.sum(1).tolist() == [2] * 6
     item = data.examples[0]
     assert len(item["docs"]) == 3 and item["target"][0] == 30.0  # positive first
+    assert item["rows"].shape == (3,) and item["rows"][0] in item["positives"].tolist()
+    assert not set(item["rows"][1:].tolist()) & set(item["positives"].tolist())
     with pytest.raises(TrainingDataError, match="not in the teacher file"):
         candidate_tables(frame, rows, ["colbert"], 30.0, 3)
 
@@ -247,7 +249,9 @@ def test_command_line_reports_bad_input_in_one_line(beir_dir: Path, tmp_path: Pa
 
 def test_two_process_ddp_training(train: Train, tmp_path: Path) -> None:
     """Lightning DDP on 2 CPU processes (gloo): documents gathered across ranks, one saved model."""
-    metrics = train(tmp_path, "+trainer.strategy=ddp_spawn", "trainer.devices=2", "evaluate.split=null")
+    metrics = train(
+        tmp_path, "+trainer.strategy=ddp_spawn", "trainer.devices=2", "evaluate.split=null", "module.nce_weight=1"
+    )
     from transformers import AutoModelForMaskedLM
 
     assert "train" in metrics and (tmp_path / "model" / "idf.json").is_file()
