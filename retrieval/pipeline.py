@@ -334,14 +334,19 @@ def write_run(run: Run, path: Path, tag: str) -> None:
 
 
 def sparsity(manifest: Manifest, query_vectors: torch.Tensor) -> dict[str, float]:
-    """Average non-zeros per document and query, and FLOPS (for sparse indexes)."""
+    """Average non-zeros per document and query, FLOPS and document FLOPS (for sparse indexes)."""
     from retrieval.encoders.sparse import activation_probability, sparsity_of
 
     p_doc = torch.zeros(query_vectors.shape[1], dtype=torch.float64)  # (V,)
     for j, p in manifest.extra.get("doc_activation", {}).items():
         p_doc[int(j)] = p
     stats = sparsity_of(p_doc, activation_probability(query_vectors))
-    return {"avg_doc_nnz": stats["doc_nnz"], "avg_query_nnz": stats["query_nnz"], "flops": stats["flops"]}
+    return {
+        "avg_doc_nnz": stats["doc_nnz"],
+        "avg_query_nnz": stats["query_nnz"],
+        "flops": stats["flops"],
+        "doc_flops": stats["doc_flops"],
+    }
 
 
 __all__ = [

@@ -123,7 +123,9 @@ def sparsity_stats(doc_vectors: torch.Tensor, query_vectors: torch.Tensor) -> di
         p_j^{(q)} = \frac{|\{q : w_j^{(q)} \neq 0\}|}{|Q|}, \quad
         p_j^{(d)} = \frac{|\{d : w_j^{(d)} \neq 0\}|}{|D|},
 
-    i.e. the activation probability of term :math:`j` in a query times that in a document.
+    i.e. the activation probability of term :math:`j` in a query times that in a document. The
+    document FLOPS :math:`\sum_j (p_j^{(d)})^2` is the same count for a document against another
+    document: what the FLOPS regulariser on documents drives down, independent of the queries.
 
     Args:
         doc_vectors: (n_docs, V) sparse CSR.
@@ -131,7 +133,7 @@ def sparsity_stats(doc_vectors: torch.Tensor, query_vectors: torch.Tensor) -> di
 
     Returns:
         ``{"doc_nnz": mean non-zeros per document, "query_nnz": mean non-zeros per query,
-        "flops": FLOPS}`` (0.0 for an empty side).
+        "flops": FLOPS, "doc_flops": document FLOPS}`` (0.0 for an empty side).
     """
     if doc_vectors.shape[1] != query_vectors.shape[1]:
         v_doc, v_query = doc_vectors.shape[1], query_vectors.shape[1]
@@ -149,6 +151,7 @@ def sparsity_of(p_doc: torch.Tensor, p_query: torch.Tensor) -> dict[str, float]:
         "doc_nnz": float(p_doc.sum()),  # sum_j p_j = mean non-zeros per row
         "query_nnz": float(p_query.sum()),
         "flops": float((p_query * p_doc).sum()),
+        "doc_flops": float((p_doc * p_doc).sum()),
     }
 
 

@@ -42,6 +42,7 @@ def test_sparsity_stats_by_hand() -> None:
     assert stats["doc_nnz"] == pytest.approx(6 / 3)
     assert stats["query_nnz"] == pytest.approx(2.0)
     assert stats["flops"] == pytest.approx(0.5 * (2 / 3 + 1 / 3 + 1 + 0))
+    assert stats["doc_flops"] == pytest.approx((2 / 3) ** 2 + (1 / 3) ** 2 + 1)
     with pytest.raises(ValueError, match="vocabularies differ"):
         sparsity_stats(docs, csr([[1, 0]]))
 
