@@ -278,3 +278,12 @@ def test_decoder_only_echo_backbone_trains_and_indexes(train: Train, tmp_path: P
     assert any(not torch.equal(trained[k], original[k]) for k in original)
     # the test split was indexed with the saved echo model through the ordinary index path
     assert metrics["test"]["avg_doc_nnz"] > 0 and 0.0 <= metrics["test"]["ndcg@10"] <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("splade_*.yaml")))
+def test_shipped_experiments_compose_and_pass_the_checks(name: str, tmp_path: Path) -> None:
+    cfg = compose_job("retrieval_train", [f"+experiment={name}"], tmp_path)
+    train_cli.check_config(cfg)
+    assert cfg.experiment_name == name and cfg.dataset.name in name
+    if cfg.dataset.name == "nfcorpus":  # judgements from original/, selection on dev, never on test
+        assert cfg.data.val_split == "dev" and cfg.data.train_qrels.startswith("original/")
