@@ -32,7 +32,6 @@ from retrieval.eval.report import metrics_table, write_report
 log = logging.getLogger(__name__)
 
 
-
 # errors of the user's input: one line on the log and exit code 2, no traceback
 USER_ERRORS = (*CLI_ERRORS, LeakageError, CheckpointError)
 

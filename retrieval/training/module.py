@@ -221,7 +221,8 @@ class SparseEncoderModule(L.LightningModule):
         own = torch.einsum("bv,bcv->bc", q, d.view(b, c, -1))  # (B, c)
         losses, weights = {"flops_d": doc_regulariser(docs)}, {"flops_d": self.doc_lambda(step)}
         if hp.nce_weight:
-            losses["nce"], weights["nce"] = info_nce(scores, targets, hp.temperature, false_negatives), hp.nce_weight
+            losses["nce"] = info_nce(scores, targets, hp.temperature, false_negatives)
+            weights["nce"] = hp.nce_weight
         if hp.kl_weight:
             losses["kl"], weights["kl"] = kl_distillation(own, target, hp.kl_temperature), hp.kl_weight
         if hp.margin_mse_weight:

@@ -250,7 +250,11 @@ def test_command_line_reports_bad_input_in_one_line(beir_dir: Path, tmp_path: Pa
 def test_two_process_ddp_training(train: Train, tmp_path: Path) -> None:
     """Lightning DDP on 2 CPU processes (gloo): documents gathered across ranks, one saved model."""
     metrics = train(
-        tmp_path, "+trainer.strategy=ddp_spawn", "trainer.devices=2", "evaluate.split=null", "module.nce_weight=1"
+        tmp_path,
+        "+trainer.strategy=ddp_spawn",
+        "trainer.devices=2",
+        "evaluate.split=null",
+        "module.nce_weight=1",
     )
     from transformers import AutoModelForMaskedLM
 
