@@ -10,6 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPARROW_TEST_DATA", REPO.parent / "shared" / "datasets"))
 
+# Without a GPU, Triton kernels run in Triton's interpreter (on CPU tensors): the kernel tests check
+# the kernels' logic in CI. Read when a kernel is decorated, so it is set before any import.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("SPARROW_DATA_DIR", str(SHARED_DATA))
