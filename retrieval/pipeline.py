@@ -6,6 +6,8 @@ are thin wrappers over these functions. Index kinds (``cfg.index.kind``):
 * ``bm25``: Lucene BM25 through Pyserini (:mod:`retrieval.index.bm25`);
 * ``impact``: SPLADE document vectors quantized into a Lucene impact index (:mod:`retrieval.index.impact`);
 * ``sparse_torch``: the same vectors scored exactly in torch (:mod:`retrieval.index.sparse_torch`);
+* ``sparse_gpu``: the same vectors as a GPU inverted index scored by the sparse top-k kernel
+  (:mod:`retrieval.index.sparse_gpu`; the torch reference on a CPU);
 * ``faiss``: dense sentence-transformers vectors in faiss (:mod:`retrieval.index.faiss_index`).
 
 The sparse kinds are searched either siamese (``index.query=splade``: the document encoder also
@@ -33,7 +35,7 @@ from retrieval.types import Run
 
 log = logging.getLogger(__name__)
 
-KINDS = ("bm25", "impact", "sparse_torch", "faiss")
+KINDS = ("bm25", "impact", "sparse_torch", "sparse_gpu", "faiss")
 QUERY_SIDES = ("splade", "idf")
 
 SearchFn = Callable[[list[str], list[str], int], Run]  # (query ids, query texts, k) -> run
@@ -57,7 +59,7 @@ def _check_index_cfg(cfg: DictConfig) -> None:
     if kind not in KINDS:
         raise ConfigError(f"index.kind must be one of {', '.join(KINDS)}, got {kind!r}")
     query = cfg.index.get("query")
-    if kind in ("impact", "sparse_torch") and query not in QUERY_SIDES:
+    if kind in ("impact", "sparse_torch", "sparse_gpu") and query not in QUERY_SIDES:
         raise ConfigError(f"index.query must be one of {', '.join(QUERY_SIDES)}, got {query!r}")
 
 
@@ -148,6 +150,10 @@ def _build_sparse(cfg, doc_ids, texts, index_dir, encoding_dir, corpus_path, ove
         return build_impact(
             doc_ids, vectors, encoder.vocab, index_dir, scale=scale, threads=cfg.threads, **common
         )
+    if cfg.index.kind == "sparse_gpu":
+        from retrieval.index.sparse_gpu import build_sparse_gpu
+
+        return build_sparse_gpu(doc_ids, vectors, index_dir, weight_dtype=cfg.index.weight_dtype, **common)
     from retrieval.index.sparse_torch import build_sparse_torch
 
     return build_sparse_torch(doc_ids, vectors, index_dir, **common)
@@ -241,6 +247,14 @@ def open_search(
 
         def search(ids, texts, k):
             return searcher.search(ids, encoder.encode(texts, progress=False), encoder.vocab, k, threads)
+
+    elif kind == "sparse_gpu":
+        from retrieval.index.sparse_gpu import SparseGpuSearcher
+
+        searcher = SparseGpuSearcher(index_dir, device=cfg.index.get("device"))
+
+        def search(ids, texts, k):
+            return searcher.search(ids, encoder.encode(texts, progress=False), k)
 
     else:
         from retrieval.index.sparse_torch import SparseTorchSearcher

@@ -1,4 +1,4 @@
-"""Index-building job: ``python -m retrieval.index +index=bm25|impact|sparse_torch|faiss``.
+"""Index-building job: ``python -m retrieval.index +index=bm25|impact|sparse_torch|sparse_gpu|faiss``.
 
     python -m retrieval.index +index=bm25 dataset.name=scifact
     python -m retrieval.index +index=impact dataset.path=/data/beir/fiqa index.scale=50
@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     """Build the index; returns its manifest as a dict."""
     if "index" not in cfg:
-        raise ConfigError("choose an index: +index=bm25, +index=impact, +index=sparse_torch or +index=faiss")
+        raise ConfigError(
+            "choose an index: +index=bm25, +index=impact, +index=sparse_torch, +index=sparse_gpu "
+            "or +index=faiss"
+        )
     data = load_dataset(cfg)
     index_dir = index_dir_of(cfg, data)
     manifest = build_index(cfg, data, index_dir, overwrite=cfg.overwrite)

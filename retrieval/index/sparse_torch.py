@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -84,7 +85,7 @@ def build_sparse_torch(
         ValueError: ``vectors`` is not a 2-D CSR tensor with one row per id, or ids repeat.
         IndexFormatError: ``out_dir`` exists and ``overwrite`` is False.
     """
-    _check_vectors(doc_ids, vectors)
+    check_vectors(doc_ids, vectors)
     start = time.perf_counter()
     vectors = vectors.cpu().to(torch.float32)
     with building(out_dir, overwrite=overwrite) as work:
@@ -106,7 +107,7 @@ def build_sparse_torch(
     return manifest
 
 
-def _check_vectors(doc_ids: list[str], vectors: torch.Tensor) -> None:
+def check_vectors(doc_ids: list[str], vectors: torch.Tensor) -> None:
     if vectors.layout != torch.sparse_csr or vectors.dim() != 2:
         raise ValueError(
             f"vectors must be a 2-D sparse CSR tensor, got {vectors.layout} {tuple(vectors.shape)}"
@@ -168,7 +169,7 @@ class SparseTorchSearcher:
         try:
             self.doc_ids: list[str] = json.loads((self.index_dir / DOC_IDS).read_text(encoding="utf-8"))
             vectors = load_csr(self.index_dir / VECTORS)  # (N, V)
-        except (OSError, ValueError, RuntimeError) as err:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
             raise IndexFormatError(f"{self.index_dir}: unreadable index files ({err}); rebuild it") from err
         if not len(self.doc_ids) == vectors.shape[0] == self.manifest.num_docs:
             raise IndexFormatError(

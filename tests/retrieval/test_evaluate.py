@@ -65,10 +65,12 @@ def test_splade_impact_and_exact_scoring_agree(beir_dir: Path, tmp_path: Path, q
     model = f"index.encoder.model={SPLADE_TINY}"
     exact = _evaluate(beir_dir, tmp_path, "index=sparse_torch", f"index.query={query}", model)
     impact = _evaluate(beir_dir, tmp_path, "index=impact", f"index.query={query}", model)
+    gpu = _evaluate(beir_dir, tmp_path, "index=sparse_gpu", f"index.query={query}", model)  # fp16 postings
     assert exact["ndcg@10"] > 0.7  # splade-tiny finds the topical documents
     assert abs(impact["ndcg@10"] - exact["ndcg@10"]) <= 0.002
+    assert abs(gpu["ndcg@10"] - exact["ndcg@10"]) <= 0.002 and gpu["avg_doc_nnz"] == exact["avg_doc_nnz"]
     assert exact["avg_doc_nnz"] > exact["avg_query_nnz"] > 0 and exact["flops"] > 0
-    # impact and sparse_torch share one encoding of the corpus
+    # impact, sparse_torch and sparse_gpu share one encoding of the corpus
     assert len(list((tmp_path / "indexes" / "tinybeir" / ".encodings").iterdir())) == 1
     if query == "idf":
         assert (tmp_path / "indexes" / "tinybeir" / "sparse_torch" / "idf.json").is_file()
@@ -116,7 +118,9 @@ def test_an_index_of_another_corpus_is_refused(beir_dir: Path, tmp_path: Path) -
 
 def test_unknown_index_lists_the_available_ones(tmp_path: Path) -> None:
     proc = _cli("retrieval.index", "+index=bm52", cwd=tmp_path)
-    _one_line_error(proc, "unknown index 'bm52' in +index=bm52; available: bm25, faiss, impact, sparse_torch")
+    _one_line_error(
+        proc, "unknown index 'bm52' in +index=bm52; available: bm25, faiss, impact, sparse_gpu, sparse_torch"
+    )
 
 
 def test_index_job_builds_with_a_manifest(beir_dir: Path, tmp_path: Path) -> None:
