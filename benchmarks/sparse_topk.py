@@ -1,0 +1,398 @@
+"""Exact sparse top-k on the GPU: the Triton kernel against ``torch.sparse`` at MS MARCO scale.
+
+Data:
+
+* synthetic, MS MARCO-sized by default: ``--docs`` documents (8.8M) of about ``--nnz`` (120)
+  distinct terms each, drawn from a Zipf-like law over ``--vocab`` (30,522) word-pieces, weights
+  ``log1p`` of a log-normal (SPLADE-like); inference-free queries (about 7 terms, BM25 IDF
+  weights) and siamese queries (about 40 terms, SPLADE-like weights), terms drawn from the same law;
+* real, with ``--real FILE`` (made on a CPU by ``python benchmarks/sparse_topk.py export``): the
+  splade-tiny document encodings of SciFact and NFCorpus from the index issue's cache and their
+  test queries, siamese and inference-free.
+
+Methods, measured in the same call:
+
+* ``kernel``: :func:`retrieval.kernels.sparse_topk.sparse_topk_triton` on a float16 inverted index;
+* ``torch.sparse``: the ``(N, V)`` float32 CSR document matrix times the dense ``(V, B)`` query
+  block (``torch.sparse.mm``), then ``topk`` over the ``(N, B)`` scores.
+
+Reported per (data, query kind, batch size): queries/s, median and p99 latency of one call
+(one batch), bytes of postings the batch needs per query (6 bytes per posting: int32 id +
+float16 weight), the bandwidth that amounts to as a fraction of the device-to-device copy rate
+measured in the same run, peak GPU memory, the speed-up over ``torch.sparse``, and whether the
+two agree (same scores rank by rank within float16 rounding). A profile of the kernel's GPU time
+by kernel names where the time goes. The table is appended to ``benchmarks/RESULTS.md``.
+
+    python benchmarks/sparse_topk.py export --out .bench/sparse_real.pt       # on the CPU box
+    python benchmarks/sparse_topk.py run --real .bench/sparse_real.pt         # on the GPU
+    python benchmarks/sparse_topk.py run --docs 20000 --device cpu --batches 1,8   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from retrieval.kernels.sparse_topk import (  # noqa: E402
+    InvertedIndex,
+    block_pointers,
+    sparse_topk_reference,
+    sparse_topk_triton,
+)
+
+log = logging.getLogger("sparse_topk")
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def zipf(vocab: int, exponent: float = 1.0) -> torch.Tensor:
+    """(V,) term probabilities ~ 1 / (rank + 10)^exponent, in a fixed random term order."""
+    p = 1.0 / (torch.arange(vocab, dtype=torch.float64) + 10.0) ** exponent
+    return (p / p.sum())[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))]
+
+
+def synthetic_index(n_docs: int, nnz: int, vocab: int, device: str, chunk: int = 1 << 24):
+    """Postings of ``n_docs`` documents with about ``nnz`` distinct Zipf terms each.
+
+    Returns:
+        (InvertedIndex float16, the same as a float32 (N, V) CSR matrix, probabilities (V,)).
+    """
+    p = zipf(vocab).to(device)
+    keys = []
+    docs_per_chunk = max(1, chunk // nnz)
+    for lo in range(0, n_docs, docs_per_chunk):
+        n = min(docs_per_chunk, n_docs - lo)
+        terms = torch.multinomial(p.float(), n * nnz, replacement=True).view(n, nnz)  # (n, nnz)
+        doc = torch.arange(lo, lo + n, device=device)[:, None]
+        keys.append((terms * n_docs + doc).reshape(-1).unique())  # term-major keys, duplicates merged
+    key = torch.cat(keys).sort().values  # (P,) term-major, docs ascending within a term
+    del keys
+    term, doc = key // n_docs, (key % n_docs)
+    del key
+    g = torch.Generator(device=device).manual_seed(1)
+    weights = torch.log1p(torch.exp(torch.randn(term.numel(), device=device, generator=g) * 0.6))  # (P,)
+    indptr = torch.zeros(vocab + 1, dtype=torch.int64, device=device)
+    indptr[1:] = torch.bincount(term, minlength=vocab).cumsum(0)
+    doc_ids = doc.to(torch.int32)
+    index = InvertedIndex(
+        indptr, doc_ids, weights.half(), block_pointers(indptr, doc_ids, n_docs, 16), n_docs, 16
+    )
+    order = (doc * vocab + term).argsort()  # document-major for the CSR baseline
+    crow = torch.zeros(n_docs + 1, dtype=torch.int64, device=device)
+    crow[1:] = torch.bincount(doc, minlength=n_docs).cumsum(0)
+    csr = torch.sparse_csr_tensor(crow, term[order], weights.half().float()[order], (n_docs, vocab))
+    return index, csr, p
+
+
+def synthetic_queries(n: int, terms: int, p: torch.Tensor, df: torch.Tensor, n_docs: int, kind: str):
+    """(n, V) CSR queries of about ``terms`` distinct terms: IDF weights or SPLADE-like ones."""
+    g = torch.Generator(device=p.device).manual_seed(2 if kind == "idf" else 3)
+    sampled = torch.multinomial(p.float(), n * terms, replacement=True, generator=g).view(n, terms)
+    dense = torch.zeros(n, p.numel(), device=p.device)
+    if kind == "idf":
+        idf = torch.log1p((n_docs - df + 0.5) / (df + 0.5))  # (V,)
+        dense.scatter_(1, sampled, idf[sampled].float())
+    else:
+        dense.scatter_(1, sampled, torch.rand(n, terms, device=p.device, generator=g) * 2 + 0.1)
+    return dense.to_sparse_csr()
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_rate(device: str, gib: float = 2.0) -> float:
+    """Device-to-device copy rate in bytes/s (read + write counted), best of 5."""
+    n = int(gib * (1 << 30) / 4)
+    x = torch.empty(n, device=device)
+    y = torch.empty_like(x)
+    best = math.inf
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    del x, y
+    return 2 * n * 4 / best
+
+
+def csr_block(queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    crow = queries.crow_indices()
+    a, b = int(crow[lo]), int(crow[hi])
+    return torch.sparse_csr_tensor(
+        crow[lo : hi + 1] - a, queries.col_indices()[a:b], queries.values()[a:b], (hi - lo, queries.shape[1])
+    )
+
+
+def torch_sparse_topk(docs_csr: torch.Tensor, block: torch.Tensor, k: int):
+    """The baseline: (N, V) CSR x dense (V, B), then topk over documents."""
+    scores = torch.sparse.mm(docs_csr, block.to_dense().T)  # (N, B)
+    vals, idx = scores.topk(min(k, scores.shape[0]), dim=0)  # (k, B)
+    return vals.T, idx.T
+
+
+def time_calls(fn, blocks: list, device: str) -> list[float]:
+    """Seconds of each call (after one warm-up call per distinct batch)."""
+    fn(blocks[0])
+    out = []
+    for block in blocks:
+        sync(device)
+        t = time.perf_counter()
+        fn(block)
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def postings_bytes(index: InvertedIndex, block: torch.Tensor) -> int:
+    """Bytes of the postings a query block needs (ids + weights of every query term's list)."""
+    lengths = index.indptr[1:] - index.indptr[:-1]  # (V,)
+    per = index.doc_ids.element_size() + index.weights.element_size()
+    return int(lengths[block.col_indices()].sum()) * per
+
+
+def peak(fn, device: str) -> float:
+    """Peak GPU memory (GiB) of one call above what was allocated before it."""
+    if device != "cuda":
+        return float("nan")
+    sync(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def agree(a, b, rtol: float = 2e-3) -> bool:
+    """Same scores rank by rank (ids may differ only among equal scores)."""
+    sa, sb = a[0].float().cpu(), b[0].float().cpu()
+    k = min(sa.shape[1], sb.shape[1])
+    sa, sb = sa[:, :k], sb[:, :k]
+    live = torch.isfinite(sa) & (sa > 0)
+    return bool(torch.allclose(sa[live], sb[live], rtol=rtol, atol=1e-3))
+
+
+def profile_kernel(fn, device: str) -> list[tuple[str, float]]:
+    """GPU time (ms) by kernel name over one call, largest first."""
+    if device != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    rows = [(e.key, e.device_time_total / 1000) for e in prof.key_averages() if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])[:8]
+
+
+# --- the measurement ------------------------------------------------------------------------------
+
+
+def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baseline_max_batch):
+    rows, profiles = [], []
+    for kind, queries in queries_by_kind.items():
+        for batch in batches:
+            n_calls = max(3, min(50, 2000 // batch)) if device == "cuda" else 2
+            n_calls = min(n_calls, queries.shape[0] // batch)
+            blocks = [csr_block(queries, i * batch, (i + 1) * batch) for i in range(n_calls)]
+            search = sparse_topk_triton if device == "cuda" else sparse_topk_reference
+            kernel = partial(search, index, k=k)
+            baseline = partial(torch_sparse_topk, csr, k=k)
+            times = time_calls(kernel, blocks, device)
+            bytes_q = statistics.mean(postings_bytes(index, b) for b in blocks) / batch
+            row = {
+                "data": name,
+                "queries": kind,
+                "terms/query": blocks[0].values().numel() / batch,
+                "batch": batch,
+                "k": k,
+                "kernel QPS": batch * len(times) / sum(times),
+                "median ms": statistics.median(times) * 1e3,
+                "p99 ms": sorted(times)[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
+                "MB postings/query": bytes_q / 1e6,
+                "bandwidth % of copy": 100 * bytes_q * batch / statistics.median(times) / rate,
+                "kernel peak GiB": peak(partial(kernel, blocks[0]), device),
+            }
+            if csr is not None and batch <= baseline_max_batch:
+                base_times = time_calls(
+                    lambda b: torch_sparse_topk(csr, b, k), blocks[: max(2, n_calls // 4)], device
+                )
+                row["torch.sparse QPS"] = batch * len(base_times) / sum(base_times)
+                row["speed-up"] = row["kernel QPS"] / row["torch.sparse QPS"]
+                row["torch.sparse peak GiB"] = peak(partial(baseline, blocks[0]), device)
+                row["agree"] = agree(kernel(blocks[0]), baseline(blocks[0]))
+            rows.append(row)
+            log.info(
+                "%s", json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()})
+            )
+            if batch == max(batches):
+                profiles.append(
+                    (f"{name} {kind} batch {batch}", profile_kernel(partial(kernel, blocks[0]), device))
+                )
+    return rows, profiles
+
+
+def table(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(
+                f"{v:.3g}"
+                if isinstance(v, float) and abs(v) < 10
+                else f"{v:,.0f}"
+                if isinstance(v, float)
+                else str(v)
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(args) -> None:
+    device = args.device
+    batches = [int(b) for b in args.batches.split(",")]
+    rate = copy_rate(device)
+    log.info("device-to-device copy rate: %.0f GB/s", rate / 1e9)
+    all_rows, all_profiles = [], []
+    start = time.perf_counter()
+    index, csr, p = synthetic_index(args.docs, args.nnz, args.vocab, device)
+    log.info(
+        "synthetic: %d docs, %.1f postings/doc, %.2f GB of postings, built in %.0f s",
+        index.num_docs,
+        index.doc_ids.numel() / index.num_docs,
+        index.nbytes / 1e9,
+        time.perf_counter() - start,
+    )
+    df = (index.indptr[1:] - index.indptr[:-1]).double()
+    n_q = max(batches) * (3 if device == "cuda" else 2)
+    queries = {
+        "inference-free (IDF)": synthetic_queries(n_q, 7, p, df, args.docs, "idf"),
+        "siamese": synthetic_queries(n_q, 40, p, df, args.docs, "splade"),
+    }
+    rows, profiles = measure(
+        f"synthetic {args.docs:,} docs",
+        index,
+        csr,
+        queries,
+        batches,
+        args.k,
+        device,
+        rate,
+        args.baseline_max_batch,
+    )
+    all_rows += rows
+    all_profiles += profiles
+    del index, csr
+    if args.real:
+        for name, data in torch.load(args.real, weights_only=True).items():
+            docs = data["docs"].to(device)
+            index = InvertedIndex.from_csr(docs, torch.float16).to(device)
+            csr = docs.to(torch.float16).to(torch.float32).to_sparse_csr()
+            qs = {kind: data[kind].to(device).to_sparse_csr() for kind in ("inference-free (IDF)", "siamese")}
+            real_batches = [b for b in batches if b <= min(q.shape[0] for q in qs.values())] or [1]
+            rows, profiles = measure(
+                name, index, csr, qs, real_batches, args.k, device, rate, args.baseline_max_batch
+            )
+            all_rows += rows
+            all_profiles += profiles
+    text = table(all_rows)
+    print(text)
+    for title, prof in all_profiles:
+        print(f"\nGPU time by kernel, {title}:")
+        for kname, ms in prof:
+            print(f"  {ms:9.3f} ms  {kname[:90]}")
+    if not args.no_append:
+        machine = (
+            torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+        )
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M")
+        prof_text = "\n".join(
+            f"- {title}: " + "; ".join(f"{kname[:60]} {ms:.2f} ms" for kname, ms in prof[:5])
+            for title, prof in all_profiles
+            if prof
+        )
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write(
+                f"\n## Exact sparse top-k: Triton kernel vs torch.sparse ({device}) - {stamp}\n\n"
+                f"Machine: {machine}; torch {torch.__version__}; "
+                f"device-to-device copy {rate / 1e9:.0f} GB/s. "
+                f"Command: `python {' '.join(sys.argv)}`\n\n{text}\n\n{prof_text}\n"
+            )
+
+
+def export(args) -> None:
+    """Write the real encodings (SciFact, NFCorpus test: documents, siamese and IDF queries) to one file."""
+    import os
+
+    from retrieval.data.beir import document_texts, load_beir
+    from retrieval.encoders.inference_free import InferenceFreeQueryEncoder
+    from retrieval.encoders.splade import SpladeEncoder
+
+    model = Path(os.environ.get("SPARROW_MODEL_DIR", REPO.parent / "shared" / "models")) / "splade-tiny"
+    encoder = SpladeEncoder(str(model), max_length=256)
+    out = {}
+    for name in args.datasets.split(","):
+        data = load_beir(name, split="test")
+        texts = document_texts(data.corpus)
+        queries = data.queries["text"].to_list()
+        idf = InferenceFreeQueryEncoder.fit(str(model), texts)
+        out[name] = {
+            "docs": encoder.encode(texts),
+            "siamese": encoder.encode(queries),
+            "inference-free (IDF)": idf.encode(queries),
+        }
+        log.info("%s: %d documents, %d queries", name, len(texts), len(queries))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(args.out) + ".tmp")
+    torch.save(out, tmp)
+    tmp.replace(args.out)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--docs", type=int, default=8_800_000)
+    r.add_argument("--nnz", type=int, default=120)
+    r.add_argument("--vocab", type=int, default=30_522)
+    r.add_argument("--batches", default="1,32,1000")
+    r.add_argument("--k", type=int, default=1000)
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--real", default=None, help="file from `export` (SciFact / NFCorpus encodings)")
+    r.add_argument("--baseline-max-batch", type=int, default=1000)
+    r.add_argument("--no-append", action="store_true")
+    e = sub.add_parser("export")
+    e.add_argument("--out", default=str(REPO / ".bench" / "sparse_real.pt"))
+    e.add_argument("--datasets", default="scifact,nfcorpus")
+    args = parser.parse_args()
+    run(args) if args.cmd == "run" else export(args)
+
+
+if __name__ == "__main__":
+    main()
