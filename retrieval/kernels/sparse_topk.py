@@ -222,21 +222,23 @@ def segments(index: InvertedIndex, terms: Tensor, lo: int, hi: int) -> tuple[Ten
 def select_wave(acc: Tensor, lo: int, k: int, select_block: int) -> tuple[Tensor, Tensor]:
     """Top ``k`` of a ``(B, W)`` accumulator block by the two-stage run selection; zeros dropped.
 
-    ``W`` must be a multiple of ``select_block``. The block is overwritten.
+    ``W`` must be a multiple of ``select_block``. One read of the block (the run maxima); scores
+    are ``>= 0``, so a run of zeros is never chosen over a run with a hit, and the zeros among
+    the chosen runs' documents are dropped there, on the small candidate block.
 
     Returns:
         (scores, doc ids): (B, k') float32 and int64, ``k' = min(k, W)``; ids offset by ``lo``,
         ``-1`` (score ``-inf``) in empty slots.
     """
     b, w = acc.shape
-    acc = acc.masked_fill_(acc == 0, float("-inf"))  # no shared term: not a hit
     runs = acc.view(b, w // select_block, select_block)  # (B, R, S)
     n_runs = min(k, runs.shape[1])
     best = runs.amax(2).topk(n_runs, dim=1).indices  # (B, n_runs) the runs holding the top k
     cand = torch.gather(runs, 1, best[:, :, None].expand(-1, -1, select_block))  # (B, n_runs, S)
-    ids = best[:, :, None] * select_block + torch.arange(select_block, device=acc.device)  # (B, n_runs, S)
-    vals, pos = topk_with_id_ties(cand.reshape(b, -1), min(k, n_runs * select_block))  # (B, k')
-    docs = torch.gather(ids.reshape(b, -1), 1, pos.clamp(min=0)) + lo  # (B, k')
+    cand = cand.reshape(b, -1)
+    ids = (best[:, :, None] * select_block + torch.arange(select_block, device=acc.device)).reshape(b, -1)
+    vals, pos = topk_with_id_ties(cand.masked_fill_(cand == 0, float("-inf")), min(k, cand.shape[1]))
+    docs = torch.gather(ids, 1, pos.clamp(min=0)) + lo  # (B, k')
     return vals, docs.masked_fill_(pos < 0, -1)
 
 
