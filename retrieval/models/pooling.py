@@ -16,7 +16,9 @@ model (32 texts x 256 tokens x 30522 terms = 1 GB in float32), and autograd keep
 backward pass. :func:`splade_pool` instead loops over chunks of ``C`` vocabulary rows and keeps,
 per (text, term), only the max and its position (``(B, V)`` each); the backward pass routes the
 gradient of each term to its argmax position only (the max's sub-gradient), again chunk by
-chunk. At most one ``(B, L, C)`` tensor is alive at a time, in either pass.
+chunk. At most one ``(B, L, C)`` tensor is alive at a time, in either pass. On CUDA,
+:func:`splade_pool` runs the fused Triton kernel of :mod:`retrieval.kernels.splade_head` instead,
+which never holds more than a tile of logits; the chunked loop here is its pure-torch reference.
 """
 
 from __future__ import annotations
@@ -56,9 +58,13 @@ def _chunk_logits(
 
 
 def _check(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool_mask: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pool_mask: torch.Tensor,
+    allow_empty: bool = False,
 ) -> None:
-    """Shapes, and at least one pooled position per row; ValueError otherwise."""
+    """Shapes, and (unless ``allow_empty``) at least one pooled position per row; ValueError otherwise."""
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, L, H), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
@@ -67,6 +73,8 @@ def _check(
         raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
     if pool_mask.shape != hidden.shape[:2]:
         raise ValueError(f"pool_mask must be {tuple(hidden.shape[:2])} (B, L), got {tuple(pool_mask.shape)}")
+    if allow_empty:
+        return
     empty = (~pool_mask.bool().any(dim=1)).nonzero().flatten()
     if len(empty):
         raise ValueError(f"rows {empty.tolist()[:10]} of pool_mask have no pooled position")
@@ -104,6 +112,15 @@ def _log_saturation(values: torch.Tensor) -> torch.Tensor:
     return values.relu().log1p()
 
 
+def _saturation_grad(grad_out: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, V) gradient of the pooled max logits ``values`` from that of :func:`_log_saturation`'s output.
+
+    :math:`\\frac{d}{dx}\\log(1 + \\mathrm{ReLU}(x)) = 1 / (1 + x)` for :math:`x > 0`, else 0 (ReLU's
+    sub-gradient at 0), in ``values``' dtype.
+    """
+    return grad_out.to(values.dtype) * (values > 0) / (1 + values.clamp(min=0))
+
+
 class _ChunkedSpladePool(torch.autograd.Function):
     """Chunked SPLADE pooling with an argmax-routed, chunked backward pass."""
 
@@ -123,8 +140,7 @@ class _ChunkedSpladePool(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         (batch, length, _), vocab = hidden.shape, weight.shape[0]
         acc = values.dtype
-        # d/dx log(1 + relu(x)) = 1 / (1 + x) for x > 0, else 0 (ReLU's sub-gradient at 0)
-        grad_max = grad_out.to(acc) * (values > 0) / (1 + values.clamp(min=0))  # (B, V)
+        grad_max = _saturation_grad(grad_out, values)  # (B, V)
         grad_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_hidden else None
         grad_weight = (
             torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if need_weight else None
@@ -169,7 +185,9 @@ def splade_pool(
     r"""SPLADE weights :math:`w_j = \log(1 + \mathrm{ReLU}(\max_{i \in P} h_i \cdot W_j + b_j))`.
 
     Differentiable with respect to ``hidden``, ``weight`` and ``bias``; with ``chunk_size`` set,
-    no ``(B, L, V)`` tensor is created or saved for backward (see the module docstring). The
+    no ``(B, L, V)`` tensor is created or saved for backward (see the module docstring), and
+    CUDA inputs of a dtype the fused kernel takes go through
+    :func:`~retrieval.kernels.splade_head.splade_head_triton` (``chunk_size`` is then unused). The
     logits are computed in the inputs' dtype (the autocast dtype under autocast), the max and
     everything after it in float32 (float64 for float64 inputs). Works under
     ``torch.inference_mode``.
@@ -193,8 +211,34 @@ def splade_pool(
         return _splade_pool_naive(hidden, weight, bias, pool_mask)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    tracked = [t for t in (hidden, weight, bias) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+    if hidden.is_cuda:
+        from retrieval.kernels.splade_head import fused_supported, splade_head_triton
+
+        if fused_supported(hidden, weight):
+            return splade_head_triton(hidden, weight, bias, pool_mask)
+    return splade_pool_chunked(hidden, weight, bias, pool_mask, chunk_size)
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will track an operation on ``tensors`` (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def splade_pool_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    pool_mask: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """:func:`splade_pool`'s vocabulary-chunked torch path on any device, inputs unchecked.
+
+    A row without a pooled position gets weights 0 and no gradient.
+
+    Returns:
+        (B, V) float32 (float64 for float64 ``hidden``), >= 0.
+    """
+    if needs_grad(hidden, weight, bias):
         return _ChunkedSpladePool.apply(hidden, weight, bias, pool_mask, chunk_size)
     values, _ = _max_pool_chunked(hidden, weight, bias, pool_mask, chunk_size, _compute_dtype(hidden, weight))
     return _log_saturation(values)

@@ -1,0 +1,287 @@
+"""SPLADE encoding (and training) speed and peak memory: plain logits vs chunked pooling vs the fused head.
+
+    python benchmarks/splade_head.py --model ../shared/models/splade-tiny \\
+        --corpus ../shared/datasets/scifact/corpus.jsonl                                  # CUDA
+    python benchmarks/splade_head.py --device cpu --docs 4 --max-length 32 --fused-batches 4  # smoke
+
+Encodes the SciFact corpus (``title + " " + text``) with splade-tiny, truncated to ``--max-length``
+word-pieces, in corpus order (no length sorting). Heads compared, on the same model:
+
+* plain: Hugging Face ``AutoModelForMaskedLM`` logits ``(B, L, V)``, then ``log1p(relu)`` and the
+  masked max (the anchors: float32 at batch 128, bfloat16 autocast at batch 512);
+* chunked: :func:`retrieval.kernels.splade_head.splade_head_reference`, 4096 terms per chunk;
+* fused: :func:`retrieval.kernels.splade_head.splade_head_triton` at ``--fused-batches``.
+
+Tokenization is done once, before any timing (every batch is tokenized up front, padded to its
+longest text): the numbers measure the model and the head, plus the host-to-device copy of the
+token ids. Each configuration runs one warm-up batch (Triton's compilation), then the whole corpus;
+docs/s is the corpus size over that time, peak memory is ``torch.cuda.max_memory_allocated`` over
+it (model weights included). Vectors of the first ``--compare-docs`` documents are compared with
+the plain float32 ones. ``--train`` adds training steps (forward + backward of model and head, no
+optimizer step) under bfloat16 autocast. On CPU (smoke mode) the fused kernel runs in Triton's
+interpreter and nothing is appended to the results log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench import cpu_model, publish  # noqa: E402
+
+log = logging.getLogger("splade_head")
+
+Batch = dict[str, torch.Tensor]
+Head = Callable[[torch.nn.Module, Batch], torch.Tensor]  # (model, inputs) -> (B, V)
+
+
+def read_corpus(path: Path, limit: int | None) -> list[str]:
+    """``title + " " + text`` of the first ``limit`` documents of a BEIR ``corpus.jsonl``."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            texts.append(f"{doc.get('title') or ''} {doc['text']}".strip())
+            if limit is not None and len(texts) == limit:
+                break
+    return texts
+
+
+def tokenize(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[Batch]:
+    """The corpus as padded batches of ``input_ids`` and ``attention_mask`` (B, L), on the CPU."""
+    batches = []
+    for lo in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            texts[lo : lo + batch_size],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_token_type_ids=False,
+            return_tensors="pt",
+        )
+        batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
+    return batches
+
+
+def plain_head(model: torch.nn.Module, inputs: Batch) -> torch.Tensor:
+    """The plain Hugging Face path: full (B, L, V) logits, log1p(relu), masked max."""
+    logits = model(**inputs).logits  # (B, L, V)
+    weights = torch.log1p(torch.relu(logits)) * inputs["attention_mask"].unsqueeze(-1)  # (B, L, V)
+    return weights.amax(dim=1).float()  # (B, V)
+
+
+def pooled_head(pool: Callable) -> Head:
+    """A head that runs the model up to its vocabulary projection and pools with ``pool``."""
+    from retrieval.models.pooling import output_embedding_inputs, output_embedding_name
+
+    def head(model: torch.nn.Module, inputs: Batch) -> torch.Tensor:
+        hidden = output_embedding_inputs(model, output_embedding_name(model), **inputs)  # (B, L, H)
+        decoder = model.get_output_embeddings()
+        return pool(hidden, decoder.weight, decoder.bias, inputs["attention_mask"])  # (B, V)
+
+    return head
+
+
+def heads() -> dict[str, Head]:
+    from retrieval.kernels.splade_head import splade_head_reference, splade_head_triton
+
+    return {
+        "plain": plain_head,
+        "chunked": pooled_head(splade_head_reference),
+        "fused": pooled_head(splade_head_triton),
+    }
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: str, dtype: str):
+    return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def encode_stats(model, head: Head, batches: list[Batch], device: str, dtype: str) -> dict:
+    """docs/s and peak memory of encoding every batch (after one warm-up batch)."""
+    with torch.inference_mode(), autocast(device, dtype):
+        head(model, {k: v.to(device) for k, v in batches[0].items()})
+        synchronize(device)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        nnz = torch.zeros((), dtype=torch.int64, device=device)
+        start = time.perf_counter()
+        for batch in batches:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            nnz += (head(model, inputs) > 0).sum()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    docs = sum(len(b["input_ids"]) for b in batches)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"docs_per_s": docs / seconds, "peak_gib": peak, "nnz": nnz.item() / docs}
+
+
+def vectors(model, head: Head, batches: list[Batch], device: str, dtype: str) -> torch.Tensor:
+    """(N, V) float32 vectors of the documents of ``batches``, on the CPU."""
+    out = []
+    with torch.inference_mode(), autocast(device, dtype):
+        for batch in batches:
+            out.append(head(model, {k: v.to(device) for k, v in batch.items()}).float().cpu())
+    return torch.cat(out)
+
+
+def train_stats(model, head: Head, batches: list[Batch], device: str) -> dict:
+    """docs/s and peak memory of forward + backward steps under bfloat16 autocast (one warm-up)."""
+    model.train()
+
+    def step(batch: Batch) -> None:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, "bf16"):
+            weights = head(model, inputs)  # (B, V)
+        (weights.sum(dim=1).mean() + 1e-3 * (weights.mean(dim=0) ** 2).sum()).backward()  # score + FLOPS
+        model.zero_grad(set_to_none=True)
+
+    step(batches[0])
+    synchronize(device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for batch in batches:
+        step(batch)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    model.eval()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return {"docs_per_s": sum(len(b["input_ids"]) for b in batches) / seconds, "peak_gib": peak}
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b == b and b else "n/a"  # b == b: not NaN
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    models = Path(os.environ.get("SPARROW_MODEL_DIR", "models"))
+    data = Path(os.environ.get("SPARROW_DATA_DIR", "datasets"))
+    parser.add_argument("--model", type=Path, default=models / "splade-tiny")
+    parser.add_argument("--corpus", type=Path, default=data / "scifact" / "corpus.jsonl")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--docs", type=int, default=None, help="first N documents only (default: all)")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--fused-batches", default="128,512,1024", help="comma-separated batch sizes")
+    parser.add_argument("--compare-docs", type=int, default=512)
+    parser.add_argument("--train", action="store_true", help="also time training steps")
+    parser.add_argument("--train-batch", type=int, default=64)
+    parser.add_argument("--train-batches", type=int, default=20, help="timed training steps")
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(args.model).to(args.device).eval()
+    texts = read_corpus(args.corpus, args.docs)
+    fused_batches = [int(b) for b in args.fused_batches.split(",")]
+    anchor_batch = {"fp32": min(128, len(texts)), "bf16": min(512, len(texts))}
+    configs = [
+        (name, dtype, anchor_batch[dtype]) for dtype in ("fp32", "bf16") for name in ("plain", "chunked")
+    ]
+    fused_dtypes = (
+        ("fp32", "bf16") if args.device == "cuda" else ("fp32",)
+    )  # the interpreter's bf16 dot is wrong
+    configs += [("fused", dtype, b) for dtype in fused_dtypes for b in fused_batches]
+    log.info("%d documents; tokenizing every batch size once, before timing", len(texts))
+    tokenized = {b: tokenize(tokenizer, texts, b, args.max_length) for b in {b for *_, b in configs}}
+    compare = tokenize(tokenizer, texts[: args.compare_docs], 64, args.max_length)
+    by_name = heads()
+    truth = vectors(model, plain_head, compare, args.device, "fp32")  # (N, V)
+    rows = []
+    for name, dtype, batch in configs:
+        try:
+            stats = encode_stats(model, by_name[name], tokenized[batch], args.device, dtype)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log.info("%s %s batch %d: out of memory", name, dtype, batch)
+            continue
+        diff = (vectors(model, by_name[name], compare, args.device, dtype) - truth).abs().max().item()
+        rows.append((name, dtype, batch, stats, diff))
+        log.info("%s %s batch %d: %s, max |diff| %.2e", name, dtype, batch, stats, diff)
+    anchors = {dtype: s for name, dtype, batch, s, _ in rows if name == "plain"}
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{cpu_model()}, {torch.get_num_threads()} threads"
+    )
+    command = (
+        f"python benchmarks/splade_head.py --model {args.model} --corpus {args.corpus} "
+        f"--device {args.device} --max-length {args.max_length} --fused-batches {args.fused_batches}"
+        + (f" --docs {args.docs}" if args.docs else "")
+        + (f" --train --train-batch {args.train_batch}" if args.train else "")
+    )
+    lines = [
+        f"## Fused SPLADE head: encoding ({args.device}) - {dt.date.today()}",
+        "",
+        f"Machine: {machine}; Python {platform.python_version()}, torch {torch.__version__}. "
+        f"Model {args.model.name}, {len(texts)} documents of {args.corpus.parent.name}, max length "
+        f"{args.max_length}, corpus order; tokenized before timing. Peak = max_memory_allocated "
+        "(weights included). Ratios against the plain head of the same dtype (the anchor: fp32 batch "
+        f"{anchor_batch['fp32']}, bf16 autocast batch {anchor_batch['bf16']}); max |diff| against the "
+        f"plain fp32 vectors of the first {len(truth)} documents.",
+        f"Command: `{command}`",
+        "",
+        "| head | dtype | batch | docs/s | peak GiB | docs/s vs anchor | peak vs anchor | nnz/doc "
+        "| max abs diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, dtype, batch, s, diff in rows:
+        anchor = anchors.get(dtype, {"docs_per_s": float("nan"), "peak_gib": float("nan")})
+        lines.append(
+            f"| {name} | {dtype} | {batch} | {s['docs_per_s']:.0f} | {s['peak_gib']:.2f} | "
+            f"{ratio(s['docs_per_s'], anchor['docs_per_s'])} | {ratio(s['peak_gib'], anchor['peak_gib'])} | "
+            f"{s['nnz']:.1f} | {diff:.1e} |"
+        )
+    if args.train:
+        steps = tokenized.get(args.train_batch) or tokenize(
+            tokenizer, texts, args.train_batch, args.max_length
+        )
+        steps = steps[: args.train_batches]
+        lines += [
+            "",
+            f"Training steps (forward + backward, bf16 autocast, batch {args.train_batch}, "
+            f"{sum(len(b['input_ids']) for b in steps)} documents):",
+            "",
+            "| head | docs/s | peak GiB |",
+            "|---|---:|---:|",
+        ]
+        for name, head in by_name.items():
+            try:
+                s = train_stats(model, head, steps, args.device)
+                lines.append(f"| {name} | {s['docs_per_s']:.0f} | {s['peak_gib']:.2f} |")
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                lines.append(f"| {name} | out of memory | |")
+    text = "\n".join(lines) + "\n"
+    if args.device == "cuda":
+        publish(text, args.results)
+    else:
+        sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()
