@@ -27,7 +27,9 @@ class PairwiseRecommender(L.LightningModule):
     and hooks cost more host time per step than a whole LightGCN step on a GPU.
 
     ``net`` must follow Sparrow's recommender contract: ``forward(users, items) -> (B,)``,
-    ``score_all(users) -> (B, num_items)`` and ``ego_embeddings(users, items)``.
+    ``score_all(users) -> (B, num_items)`` and ``ego_embeddings(users, items)``. A net that scores
+    by a dot product may also define ``embeddings() -> ((num_users, d), (num_items, d))``: on a GPU
+    the evaluator then ranks with the fused scoring + top-K kernel instead of ``score_all`` blocks.
 
     Args:
         net: the recommender (a plain ``nn.Module``).
@@ -151,8 +153,14 @@ class PairwiseRecommender(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
         targets, exclude = self._sets_on_device(stage)
+        embeddings = self.net.embeddings() if hasattr(self.net, "embeddings") else None
         result = self.evaluator.per_user(
-            self.net.score_all, targets, exclude, device=self.device, users=batch["users"]
+            self.net.score_all,
+            targets,
+            exclude,
+            device=self.device,
+            users=batch["users"],
+            embeddings=embeddings,
         )
         for name, values in result.metrics.items():
             self._per_user[name].append(values.detach().cpu())

@@ -64,6 +64,14 @@ class BPRMF(nn.Module):
         """
         return self.user_embedding(users) @ self.item_embedding.weight.T
 
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """The user and item tables whose dot products are :meth:`score_all`'s scores.
+
+        Returns:
+            ((num_users, d), (num_items, d)) user and item embeddings.
+        """
+        return self.user_embedding.weight, self.item_embedding.weight
+
     @torch.no_grad()
     def recommend(self, users: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
         """The top-``k`` items for each user, best first, ties broken by lower item id.

@@ -188,6 +188,14 @@ class LightGCN(nn.Module):
         user_emb, item_emb = self.propagate()
         return user_emb[users] @ item_emb.T
 
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """The propagated tables whose dot products are :meth:`score_all`'s scores.
+
+        Returns:
+            ((U, d), (I, d)) layer-mean user and item embeddings (:meth:`propagate`).
+        """
+        return self.propagate()
+
     @torch.no_grad()
     def recommend(self, users: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
         """The top-``k`` items for each user, best first, ties broken by lower item id.

@@ -49,7 +49,7 @@ ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 _PROGRESS_MIN_CHUNKS = 8  # progress=None shows a bar only for runs with at least this many chunks
 
 
-def _sort_by_score_then_id(scores: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_score_then_id(scores: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Order each row by (score descending, item id ascending).
 
     Args:
@@ -122,7 +122,7 @@ def _topk_with_id_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
             sel = torch.where(pos < n_above, idx[rows], from_tied)  # (B', k)
             idx[rows] = sel
             vals[rows] = torch.gather(block, 1, sel)
-    vals, idx = _sort_by_score_then_id(vals, idx)  # (B, <=k)
+    vals, idx = sort_by_score_then_id(vals, idx)  # (B, <=k)
     idx = idx.masked_fill(vals == float("-inf"), -1)
     if idx.shape[1] < k:  # fewer items than k in the catalogue
         pad = k - idx.shape[1]

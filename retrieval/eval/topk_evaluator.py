@@ -102,6 +102,7 @@ class TopKEvaluator:
         exclude: ItemSets | None,
         device: torch.device | str | None = None,
         users: torch.Tensor | None = None,
+        embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> PerUserResult:
         """Per-user metrics of every user with ``|T_u| > 0`` (see :class:`PerUserResult`).
 
@@ -111,7 +112,7 @@ class TopKEvaluator:
         and are bit-identical on every device for the same scores.
 
         Args:
-            score_fn, targets, exclude, device: as for :meth:`__call__`.
+            score_fn, targets, exclude, device, embeddings: as for :meth:`__call__`.
             users: (U,) int64 ids to evaluate, e.g. one batch of a Lightning eval loop; those with
                 ``|T_u| = 0`` are dropped, the rest keep their order. Default: every user with
                 ``|T_u| > 0``, ascending.
@@ -127,16 +128,19 @@ class TopKEvaluator:
         targets = targets.to(home)
         exclude = exclude.to(home) if exclude is not None else None
         users = _users_with_targets(targets, users)  # (U,) on home
-        _, items = full_sort_topk(
-            score_fn,
-            users,
-            max(self.ks),
-            exclude=exclude,
-            chunk_size=self.chunk_size,
-            device=home,
-            progress=self.progress,
-            out_device=None,
-        )  # (U, K) on the scores' device
+        if embeddings is not None and embeddings[0].is_cuda:
+            items = fused_ranking(embeddings, users, max(self.ks), exclude)  # (U, K) on the GPU
+        else:
+            _, items = full_sort_topk(
+                score_fn,
+                users,
+                max(self.ks),
+                exclude=exclude,
+                chunk_size=self.chunk_size,
+                device=home,
+                progress=self.progress,
+                out_device=None,
+            )  # (U, K) on the scores' device
         dev = items.device
         on_dev, targets = users.to(dev), targets.to(dev)
         hits = hit_matrix(on_dev, items, targets)  # (U, K)
@@ -160,6 +164,7 @@ class TopKEvaluator:
         prefix: str = "",
         device: torch.device | str | None = None,
         users: torch.Tensor | None = None,
+        embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Evaluate and average over users with ``|T_u| > 0``.
 
@@ -173,15 +178,47 @@ class TopKEvaluator:
                 ``exclude`` are moved (once per call; not at all if they are there already).
                 Default: the CPU.
             users: evaluate only these users (those with ``|T_u| = 0`` dropped); default: all.
+            embeddings: optional ``(user_emb (n_users, d), item_emb (n_items, d))`` whose dot products
+                are ``score_fn``'s scores (a model's ``embeddings()``). On CUDA the lists then come
+                from the fused kernel (:func:`retrieval.kernels.dense_topk.dense_topk`: scoring,
+                masking and top-K without the score blocks), equal to ``score_fn``'s up to float32
+                summation order; elsewhere they are ignored and ``score_fn`` is used.
 
         Returns:
             ``{prefix + "ndcg@10": float, ..., prefix + "num_users": float}``.
         """
-        res = self.per_user(score_fn, targets, exclude, device=device, users=users)
+        res = self.per_user(score_fn, targets, exclude, device=device, users=users, embeddings=embeddings)
         means = mean_over_users(res.metrics, torch.ones(res.users.numel(), dtype=torch.int64))
         out = {prefix + name: value for name, value in means.items()}
         out[prefix + "num_users"] = float(res.users.numel())
         return out
+
+
+def fused_ranking(
+    embeddings: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, k: int, exclude: ItemSets | None
+) -> torch.Tensor:
+    """Top-``k`` item ids of ``users`` by dot product of ``embeddings``, from the fused kernel.
+
+    Same protocol as :func:`~retrieval.eval.topk.full_sort_topk` (``exclude`` masked, ties by item
+    id, ``-1`` pads short lists), without any ``(users, items)`` score block.
+
+    Args:
+        embeddings: ``(user_emb (n_users, d), item_emb (n_items, d))``, one dtype, on the GPU.
+        users: (U,) int64 user ids.
+        k: list length.
+        exclude: per-user items never returned, or ``None``.
+
+    Returns:
+        (U, k) int64 item ids on the embeddings' device.
+    """
+    from retrieval.kernels.dense_topk import dense_topk  # imports Triton: only on this path
+
+    user_emb, item_emb = embeddings
+    dev = user_emb.device
+    users = users.to(dev)
+    with torch.no_grad():
+        excl = exclude.to(dev) if exclude is not None else None
+        return dense_topk(user_emb[users], item_emb, k, exclude=excl, users=users)[1]
 
 
 def _users_with_targets(targets: ItemSets, users: torch.Tensor | None) -> torch.Tensor:

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from retrieval.eval.topk import topk_with_id_ties
+from retrieval.eval.topk import sort_by_score_then_id, topk_with_id_ties
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +248,8 @@ def merge_topk(scores: Tensor, docs: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Empty slots (id -1, score -inf) sort last.
     """
     key = torch.where(docs < 0, torch.iinfo(torch.int64).max, docs)  # (B, C) empties last
-    key, order = key.sort(dim=1)
-    scores = torch.gather(scores, 1, order)
-    scores, order = scores.sort(dim=1, descending=True, stable=True)  # stable: id order kept on ties
-    docs = torch.gather(key, 1, order).masked_fill_(scores == float("-inf"), -1)
-    return pad_topk(scores, docs, k)
+    scores, key = sort_by_score_then_id(scores, key)
+    return pad_topk(scores, key.masked_fill_(scores == float("-inf"), -1), k)
 
 
 def pad_topk(scores: Tensor, docs: Tensor, k: int) -> tuple[Tensor, Tensor]:

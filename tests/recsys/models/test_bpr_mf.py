@@ -65,3 +65,13 @@ def test_training_on_a_planted_preference_learns_it() -> None:
         opt.step()
     top = net.recommend(torch.arange(6), k=3)
     assert all(set(top[u].tolist()) == ({0, 1, 2} if u < 3 else {3, 4, 5}) for u in range(6))
+
+
+def test_embeddings_give_score_all() -> None:
+    """``embeddings()`` hands the evaluator's fused kernel the tables behind ``score_all``."""
+    torch.manual_seed(0)
+    net = BPRMF(num_users=7, num_items=11, embedding_dim=8)
+    user_emb, item_emb = net.embeddings()
+    assert user_emb.shape == (7, 8) and item_emb.shape == (11, 8)
+    users = torch.tensor([6, 0, 3])
+    assert torch.equal(user_emb[users] @ item_emb.T, net.score_all(users))

@@ -118,3 +118,14 @@ def test_scoring_works_on_weights_loaded_in_inference_mode() -> None:
         net.load_state_dict(LightGCN(30, 40, embedding_dim=8).state_dict())
         first = net.score_all(torch.arange(3))
         assert torch.equal(net.score_all(torch.arange(3)), first)
+
+
+def test_embeddings_give_score_all() -> None:
+    """``embeddings()`` hands the evaluator's fused kernel the propagated tables behind ``score_all``."""
+    net = LightGCN(30, 40, embedding_dim=8)
+    net.set_graph(*_graph())
+    with torch.no_grad():
+        user_emb, item_emb = net.embeddings()
+        users = torch.tensor([29, 0, 7])
+        assert user_emb.shape == (30, 8) and item_emb.shape == (40, 8)
+        assert torch.equal(user_emb[users] @ item_emb.T, net.score_all(users))

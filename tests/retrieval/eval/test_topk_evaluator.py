@@ -230,3 +230,49 @@ def test_sets_on_another_device_than_the_scores():
     assert torch.equal(mixed.items, cpu.items) and torch.equal(mixed.hits, cpu.hits)
     for name, values in cpu.metrics.items():
         assert torch.equal(mixed.metrics[name], values), name
+
+
+def _dot_problem(seed, U=40, N=300, d=8):
+    """Integer embeddings (exact float32 scores, many ties), training and test sets."""
+    g = torch.Generator().manual_seed(seed)
+    user_emb = torch.randint(-2, 3, (U, d), generator=g).float()  # (U, d)
+    item_emb = torch.randint(-2, 3, (N, d), generator=g).float()  # (N, d)
+    return user_emb, item_emb, _sets(U, N, 400, seed + 10), _sets(U, N, 200, seed + 20)
+
+
+def test_embeddings_are_ignored_on_cpu():
+    """On the CPU the evaluator keeps its score_fn path: passing embeddings changes no bit."""
+    user_emb, item_emb, train, test = _dot_problem(0)
+    ev = TopKEvaluator(ks=(5, 20))
+    plain = ev.per_user(lambda u: user_emb[u] @ item_emb.T, test, train)
+    with_emb = ev.per_user(lambda u: user_emb[u] @ item_emb.T, test, train, embeddings=(user_emb, item_emb))
+    assert torch.equal(plain.items, with_emb.items)
+    for name, values in plain.metrics.items():
+        assert torch.equal(values, with_emb.metrics[name]), name
+
+
+def test_fused_ranking_matches_full_sort():
+    """The fused path's lists (the torch reference on CPU tensors) equal full_sort_topk's, ties by id."""
+    from retrieval.eval.topk import full_sort_topk
+    from retrieval.eval.topk_evaluator import fused_ranking
+
+    user_emb, item_emb, train, _ = _dot_problem(1)
+    users = torch.tensor([3, 0, 39, 3, 17])
+    want = full_sort_topk(lambda u: user_emb[u] @ item_emb.T, users, 25, exclude=train)[1]
+    assert torch.equal(fused_ranking((user_emb, item_emb), users, 25, train), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_kernel_on_cuda_gives_the_same_metrics(seed):
+    """On CUDA, embeddings route ranking through the kernel: identical lists on exact (integer) scores."""
+    user_emb, item_emb, train, test = _dot_problem(seed, U=300, N=5000, d=16)
+    user_emb, item_emb = user_emb.cuda(), item_emb.cuda()
+    ev = TopKEvaluator(ks=(10, 50))
+    plain = ev.per_user(lambda u: user_emb[u] @ item_emb.T, test, train, device="cuda")
+    fused = ev.per_user(
+        lambda u: user_emb[u] @ item_emb.T, test, train, device="cuda", embeddings=(user_emb, item_emb)
+    )
+    assert torch.equal(plain.items, fused.items)
+    for name, values in plain.metrics.items():
+        assert torch.equal(values, fused.metrics[name]), name
