@@ -24,6 +24,7 @@ two agree (same scores rank by rank within float16 rounding). A profile of the k
 by kernel names where the time goes. The table is appended to ``benchmarks/RESULTS.md``.
 
     python benchmarks/sparse_topk.py export --out .bench/sparse_real.pt       # on the CPU box
+    python benchmarks/sparse_topk.py lucene --real .bench/sparse_real.pt      # the CPU side (Lucene)
     python benchmarks/sparse_topk.py run --real .bench/sparse_real.pt         # on the GPU
     python benchmarks/sparse_topk.py run --docs 20000 --device cpu --batches 1,8   # a smoke test
 """
@@ -308,10 +309,11 @@ def run(args) -> None:
     del index, csr
     if args.real:
         for name, data in torch.load(args.real, weights_only=True).items():
-            docs = data["docs"].to(device)
+            docs = data["docs"].to(torch.float32).to(device)
             index = InvertedIndex.from_csr(docs, torch.float16).to(device)
-            csr = docs.to(torch.float16).to(torch.float32).to_sparse_csr()
-            qs = {kind: data[kind].to(device).to_sparse_csr() for kind in ("inference-free (IDF)", "siamese")}
+            csr = docs.to_sparse_csr()
+            kinds = ("inference-free (IDF)", "siamese")
+            qs = {kind: data[kind].to(torch.float32).to(device).to_sparse_csr() for kind in kinds}
             real_batches = [b for b in batches if b <= min(q.shape[0] for q in qs.values())] or [1]
             rows, profiles = measure(
                 name, index, csr, qs, real_batches, args.k, device, rate, args.baseline_max_batch
@@ -343,6 +345,14 @@ def run(args) -> None:
             )
 
 
+def compact(csr: torch.Tensor) -> torch.Tensor:
+    """A CSR matrix with int32 indices and float16 values (half the bytes to carry to the GPU)."""
+    csr = csr.to_sparse_csr()
+    return torch.sparse_csr_tensor(
+        csr.crow_indices().int(), csr.col_indices().int(), csr.values().half(), csr.shape
+    )
+
+
 def export(args) -> None:
     """Write the real encodings (SciFact, NFCorpus test: documents, siamese and IDF queries) to one file."""
     import os
@@ -360,15 +370,88 @@ def export(args) -> None:
         queries = data.queries["text"].to_list()
         idf = InferenceFreeQueryEncoder.fit(str(model), texts)
         out[name] = {
-            "docs": encoder.encode(texts),
-            "siamese": encoder.encode(queries),
-            "inference-free (IDF)": idf.encode(queries),
+            "docs": compact(encoder.encode(texts)),
+            "siamese": compact(encoder.encode(queries)),
+            "inference-free (IDF)": compact(idf.encode(queries)),
         }
         log.info("%s: %d documents, %d queries", name, len(texts), len(queries))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(args.out) + ".tmp")
     torch.save(out, tmp)
     tmp.replace(args.out)
+
+
+def lucene_one(searcher, qid: str, vocab: list[str], k: int, block: torch.Tensor):
+    """One query through the Lucene impact searcher."""
+    return searcher.search([qid], block, vocab, k)
+
+
+def lucene(args) -> None:
+    """The CPU side: a Lucene impact index of the same real vectors (scale 100), one query at a time."""
+    import os
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from retrieval.index.impact import ImpactSearcher, build_impact
+
+    model = Path(os.environ.get("SPARROW_MODEL_DIR", REPO.parent / "shared" / "models")) / "splade-tiny"
+    tok = AutoTokenizer.from_pretrained(str(model))
+    vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    rows = []
+    for name, data in torch.load(args.real, weights_only=True).items():
+        docs = data["docs"].to(torch.float32).to_sparse_csr()
+        ids = [str(i) for i in range(docs.shape[0])]
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Path(tmp) / "corpus.jsonl"
+            corpus.write_text("{}\n")
+            build_impact(
+                ids,
+                docs,
+                vocab,
+                Path(tmp) / "index",
+                scale=100.0,
+                encoder="splade-tiny",
+                encoder_checksum="-",
+                tokenizer=str(model),
+                corpus_path=corpus,
+                threads=args.threads,
+            )
+            searcher = ImpactSearcher(Path(tmp) / "index")
+            index = InvertedIndex.from_csr(docs, torch.float16)
+            for kind in ("inference-free (IDF)", "siamese"):
+                q = data[kind].to(torch.float32).to_sparse_csr()
+                qids = [f"q{i}" for i in range(q.shape[0])]
+                single = [csr_block(q, i, i + 1) for i in range(q.shape[0])]
+                searcher.search(qids[:1], single[0], vocab, args.k)  # warm-up
+                lat = time_calls(partial(lucene_one, searcher, qids[0], vocab, args.k), single, "cpu")
+                ref = time_calls(partial(sparse_topk_reference, index, k=args.k), single, "cpu")
+                t = time.perf_counter()
+                searcher.search(qids, q, vocab, args.k, threads=args.threads)
+                batch_s = time.perf_counter() - t
+                rows.append(
+                    {
+                        "data": name,
+                        "queries": kind,
+                        "k": args.k,
+                        "Lucene median ms (1 thread)": statistics.median(lat) * 1e3,
+                        "Lucene p99 ms": sorted(lat)[int(0.99 * (len(lat) - 1))] * 1e3,
+                        f"Lucene QPS ({args.threads} threads, all queries)": len(qids) / batch_s,
+                        "torch reference median ms (CPU)": statistics.median(ref) * 1e3,
+                    }
+                )
+                log.info("%s", rows[-1])
+    text = table(rows)
+    print(text)
+    if not args.no_append:
+        machine = platform.processor() or platform.machine()
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M")
+        with RESULTS.open("a", encoding="utf-8") as f:
+            f.write(
+                f"\n## Exact sparse top-k, CPU side: Lucene impact index on the same vectors - {stamp}\n\n"
+                f"Machine: {machine}, {os.cpu_count()} cores; torch {torch.__version__}. "
+                f"Command: `python {' '.join(sys.argv)}`\n\n{text}\n"
+            )
 
 
 def main() -> None:
@@ -387,11 +470,16 @@ def main() -> None:
     r.add_argument("--real", default=None, help="file from `export` (SciFact / NFCorpus encodings)")
     r.add_argument("--baseline-max-batch", type=int, default=1000)
     r.add_argument("--no-append", action="store_true")
+    lu = sub.add_parser("lucene")
+    lu.add_argument("--real", default=str(REPO / ".bench" / "sparse_real.pt"))
+    lu.add_argument("--k", type=int, default=1000)
+    lu.add_argument("--threads", type=int, default=2)
+    lu.add_argument("--no-append", action="store_true")
     e = sub.add_parser("export")
     e.add_argument("--out", default=str(REPO / ".bench" / "sparse_real.pt"))
     e.add_argument("--datasets", default="scifact,nfcorpus")
     args = parser.parse_args()
-    run(args) if args.cmd == "run" else export(args)
+    {"run": run, "lucene": lucene, "export": export}[args.cmd](args)
 
 
 if __name__ == "__main__":
