@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 from retrieval.kernels.sparse_topk import (  # noqa: E402
     InvertedIndex,
     block_pointers,
+    csr_rows,
     sparse_topk_reference,
     sparse_topk_triton,
 )
@@ -138,14 +139,6 @@ def copy_rate(device: str, gib: float = 2.0) -> float:
     return 2 * n * 4 / best
 
 
-def csr_block(queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    crow = queries.crow_indices()
-    a, b = int(crow[lo]), int(crow[hi])
-    return torch.sparse_csr_tensor(
-        crow[lo : hi + 1] - a, queries.col_indices()[a:b], queries.values()[a:b], (hi - lo, queries.shape[1])
-    )
-
-
 def torch_sparse_topk(docs_csr: torch.Tensor, block: torch.Tensor, k: int):
     """The baseline: (N, V) CSR x dense (V, B), then topk over documents."""
     scores = torch.sparse.mm(docs_csr, block.to_dense().T)  # (N, B)
@@ -210,47 +203,56 @@ def profile_kernel(fn, device: str) -> list[tuple[str, float]]:
 # --- the measurement ------------------------------------------------------------------------------
 
 
-def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baseline_max_batch):
+def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baseline_max_batch, budgets):
+    """One row per (query kind, batch, accumulator budget); the baseline once per (kind, batch)."""
     rows, profiles = [], []
+    search = sparse_topk_triton if device == "cuda" else sparse_topk_reference
     for kind, queries in queries_by_kind.items():
         for batch in batches:
             n_calls = max(3, min(50, 2000 // batch)) if device == "cuda" else 2
             n_calls = min(n_calls, queries.shape[0] // batch)
-            blocks = [csr_block(queries, i * batch, (i + 1) * batch) for i in range(n_calls)]
-            search = sparse_topk_triton if device == "cuda" else sparse_topk_reference
-            kernel = partial(search, index, k=k)
-            baseline = partial(torch_sparse_topk, csr, k=k)
-            times = time_calls(kernel, blocks, device)
+            blocks = [csr_rows(queries, i * batch, (i + 1) * batch) for i in range(n_calls)]
             bytes_q = statistics.mean(postings_bytes(index, b) for b in blocks) / batch
-            row = {
-                "data": name,
-                "queries": kind,
-                "terms/query": blocks[0].values().numel() / batch,
-                "batch": batch,
-                "k": k,
-                "kernel QPS": batch * len(times) / sum(times),
-                "median ms": statistics.median(times) * 1e3,
-                "p99 ms": sorted(times)[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
-                "MB postings/query": bytes_q / 1e6,
-                "bandwidth % of copy": 100 * bytes_q * batch / statistics.median(times) / rate,
-                "kernel peak GiB": peak(partial(kernel, blocks[0]), device),
-            }
+            base = {}
             if csr is not None and batch <= baseline_max_batch:
-                base_times = time_calls(
-                    lambda b: torch_sparse_topk(csr, b, k), blocks[: max(2, n_calls // 4)], device
+                baseline = partial(torch_sparse_topk, csr, k=k)
+                base_times = time_calls(baseline, blocks[: max(2, n_calls // 4)], device)
+                base = {
+                    "torch.sparse QPS": batch * len(base_times) / sum(base_times),
+                    "torch.sparse peak GiB": peak(partial(baseline, blocks[0]), device),
+                    "reference": baseline(blocks[0]),
+                }
+            for budget in budgets:
+                kernel = partial(search, index, k=k, budget_bytes=budget)
+                times = time_calls(kernel, blocks, device)
+                row = {
+                    "data": name,
+                    "queries": kind,
+                    "terms/query": statistics.mean(b.values().numel() for b in blocks) / batch,
+                    "batch": batch,
+                    "k": k,
+                    "budget MiB": budget / 2**20,
+                    "kernel QPS": batch * len(times) / sum(times),
+                    "median ms": statistics.median(times) * 1e3,
+                    "p99 ms": sorted(times)[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
+                    "MB postings/query": bytes_q / 1e6,
+                    "bandwidth % of copy": 100 * bytes_q * batch / statistics.median(times) / rate,
+                    "kernel peak GiB": peak(partial(kernel, blocks[0]), device),
+                }
+                if base:
+                    row["torch.sparse QPS"] = base["torch.sparse QPS"]
+                    row["speed-up"] = row["kernel QPS"] / base["torch.sparse QPS"]
+                    row["torch.sparse peak GiB"] = base["torch.sparse peak GiB"]
+                    row["agree"] = agree(kernel(blocks[0]), base["reference"])
+                rows.append(row)
+                log.info(
+                    "%s", json.dumps({c: round(v, 4) if isinstance(v, float) else v for c, v in row.items()})
                 )
-                row["torch.sparse QPS"] = batch * len(base_times) / sum(base_times)
-                row["speed-up"] = row["kernel QPS"] / row["torch.sparse QPS"]
-                row["torch.sparse peak GiB"] = peak(partial(baseline, blocks[0]), device)
-                row["agree"] = agree(kernel(blocks[0]), baseline(blocks[0]))
-            rows.append(row)
-            log.info(
-                "%s", json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()})
-            )
             if batch == max(batches):
-                profiles.append(
-                    (f"{name} {kind} batch {batch}", profile_kernel(partial(kernel, blocks[0]), device))
-                )
+                best = max((r for r in rows[-len(budgets) :]), key=lambda r: r["kernel QPS"])
+                kernel = partial(search, index, k=k, budget_bytes=int(best["budget MiB"] * 2**20))
+                title = f"{name} {kind} batch {batch}, budget {best['budget MiB']:.0f} MiB"
+                profiles.append((title, profile_kernel(partial(kernel, blocks[0]), device)))
     return rows, profiles
 
 
@@ -276,6 +278,7 @@ def run(args) -> None:
     device = args.device
     batches = [int(b) for b in args.batches.split(",")]
     rate = copy_rate(device)
+    budget = [int(float(g) * (1 << 30)) for g in args.budgets_gib.split(",")]
     log.info("device-to-device copy rate: %.0f GB/s", rate / 1e9)
     all_rows, all_profiles = [], []
     start = time.perf_counter()
@@ -303,6 +306,7 @@ def run(args) -> None:
         device,
         rate,
         args.baseline_max_batch,
+        budget,
     )
     all_rows += rows
     all_profiles += profiles
@@ -316,7 +320,7 @@ def run(args) -> None:
             qs = {kind: data[kind].to(torch.float32).to(device).to_sparse_csr() for kind in kinds}
             real_batches = [b for b in batches if b <= min(q.shape[0] for q in qs.values())] or [1]
             rows, profiles = measure(
-                name, index, csr, qs, real_batches, args.k, device, rate, args.baseline_max_batch
+                name, index, csr, qs, real_batches, args.k, device, rate, args.baseline_max_batch, budget
             )
             all_rows += rows
             all_profiles += profiles
@@ -422,7 +426,7 @@ def lucene(args) -> None:
             for kind in ("inference-free (IDF)", "siamese"):
                 q = data[kind].to(torch.float32).to_sparse_csr()
                 qids = [f"q{i}" for i in range(q.shape[0])]
-                single = [csr_block(q, i, i + 1) for i in range(q.shape[0])]
+                single = [csr_rows(q, i, i + 1) for i in range(q.shape[0])]
                 searcher.search(qids[:1], single[0], vocab, args.k)  # warm-up
                 lat = time_calls(partial(lucene_one, searcher, qids[0], vocab, args.k), single, "cpu")
                 ref = time_calls(partial(sparse_topk_reference, index, k=args.k), single, "cpu")
@@ -469,6 +473,9 @@ def main() -> None:
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--real", default=None, help="file from `export` (SciFact / NFCorpus encodings)")
     r.add_argument("--baseline-max-batch", type=int, default=1000)
+    r.add_argument(
+        "--budgets-gib", default="0.03,0.25,2,8", help="kernel accumulators per wave (GiB), each measured"
+    )
     r.add_argument("--no-append", action="store_true")
     lu = sub.add_parser("lucene")
     lu.add_argument("--real", default=str(REPO / ".bench" / "sparse_real.pt"))

@@ -37,8 +37,8 @@ from retrieval.index.manifest import (
     read_manifest,
     write_manifest,
 )
-from retrieval.index.sparse_torch import DOC_IDS, SHARDS, check_vectors, csr_rows
-from retrieval.kernels.sparse_topk import WEIGHT_DTYPES, InvertedIndex, block_pointers, sparse_topk
+from retrieval.index.sparse_torch import DOC_IDS, SHARDS, check_vectors
+from retrieval.kernels.sparse_topk import WEIGHT_DTYPES, InvertedIndex, block_pointers, csr_rows, sparse_topk
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)

@@ -39,6 +39,7 @@ from retrieval.index.manifest import (
     read_manifest,
     write_manifest,
 )
+from retrieval.kernels.sparse_topk import csr_rows
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)
@@ -220,17 +221,3 @@ class SparseTorchSearcher:
     def score(self, queries: torch.Tensor) -> torch.Tensor:
         """(B, N) dense float32 scores of a CSR ``(B, V)`` query block against every document."""
         return (queries @ self.postings).to_dense()  # (B, V) @ (V, N) -> (B, N)
-
-
-def csr_rows(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Rows ``lo:hi`` of a CSR matrix, as a new CSR matrix (no densification)."""
-    crow = matrix.crow_indices()
-    hi = min(hi, matrix.shape[0])
-    start, end = int(crow[lo]), int(crow[hi])
-    return torch.sparse_csr_tensor(
-        crow[lo : hi + 1] - start,
-        matrix.col_indices()[start:end],
-        matrix.values()[start:end],
-        (hi - lo, matrix.shape[1]),
-        check_invariants=False,
-    )

@@ -18,7 +18,9 @@ a document range's part of any posting list is found without a search.
 
 **Algorithm** (:func:`sparse_topk`). The documents are cut into *waves* of consecutive ids, as
 many as ``budget_bytes`` of float32 accumulators hold for the whole query batch (all documents
-for a single query). Per wave ``[lo, hi)``:
+for a single query); a batch too large for even one index block per wave is scored in groups of
+queries. A small budget keeps the accumulators in the GPU's L2 cache, where the atomic adds are
+cheap; a large one means fewer, larger steps. Per wave ``[lo, hi)``:
 
 1. *segments*: for every (query, term) pair, the slice of the term's postings inside the wave
    (two reads of ``block_ptr``);
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -196,6 +199,20 @@ def _row_of_entries(csr: Tensor) -> Tensor:
 # --- the shared steps ------------------------------------------------------------------------------
 
 
+def csr_rows(matrix: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo:hi`` of a CSR matrix, as a new CSR matrix (no densification)."""
+    crow = matrix.crow_indices()
+    hi = min(hi, matrix.shape[0])
+    start, end = int(crow[lo]), int(crow[hi])
+    return torch.sparse_csr_tensor(
+        crow[lo : hi + 1] - start,
+        matrix.col_indices()[start:end],
+        matrix.values()[start:end],
+        (hi - lo, matrix.shape[1]),
+        check_invariants=False,
+    )
+
+
 def query_pairs(queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(query row, term, weight) of every non-zero of a CSR ``(B, V)`` block; (M,) each."""
     return _row_of_entries(queries), queries.col_indices().to(torch.int64), queries.values()
@@ -267,6 +284,23 @@ def _empty_lists(b: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return torch.empty(b, 0, device=device), torch.empty(b, 0, dtype=torch.int64, device=device)
 
 
+def query_groups(n_queries: int, block_bits: int, budget_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges of a query batch, each small enough for one index block of accumulators."""
+    group = max(1, budget_bytes // (4 << block_bits))
+    return [(lo, min(lo + group, n_queries)) for lo in range(0, n_queries, group)]
+
+
+def in_groups(score_group, index: InvertedIndex, queries: Tensor, k: int, budget_bytes: int):
+    """``score_group(index, rows, k, budget_bytes)`` over :func:`query_groups`, results concatenated."""
+    parts = [
+        score_group(index, csr_rows(queries, lo, hi), k, budget_bytes)
+        for lo, hi in query_groups(queries.shape[0], index.block_bits, budget_bytes)
+    ]
+    if not parts:  # no queries
+        return pad_topk(*_empty_lists(0, index.device), k)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 # --- the torch reference ---------------------------------------------------------------------------
 
 
@@ -279,7 +313,9 @@ def sparse_topk_reference(
         index: the inverted index.
         queries: (B, V) sparse CSR or dense query weights, finite and ``>= 0``.
         k: documents per query, ``>= 1``.
-        budget_bytes: (int, default 1 GiB) bytes of float32 accumulators per wave.
+        budget_bytes: (int, default 1 GiB) bytes of float32 accumulators at once: a wave spans
+            as many documents as fit for the whole batch, and a batch too large for one index
+            block of documents is scored in groups of queries (:func:`query_groups`).
 
     Returns:
         (scores, docs): (B, k) float32 and (B, k) int64 document ids by (score desc, id asc);
@@ -289,6 +325,12 @@ def sparse_topk_reference(
         ValueError: bad queries or ``k`` (:func:`check_queries`).
     """
     queries = check_queries(queries, index.vocab_size, k).to(index.device)
+    return in_groups(_reference_group, index, queries, k, budget_bytes)
+
+
+def _reference_group(
+    index: InvertedIndex, queries: Tensor, k: int, budget_bytes: int
+) -> tuple[Tensor, Tensor]:
     b, dev = queries.shape[0], index.device
     rows, terms, qw = query_pairs(queries)
     best = _empty_lists(b, dev)
@@ -334,6 +376,13 @@ def sparse_topk_triton(
             f"select_block must divide the index block {1 << index.block_bits}, got {select_block}"
         )
     queries = check_queries(queries, index.vocab_size, k).to(index.device)
+    group = partial(_triton_group, select_block=select_block, programs=programs)
+    return in_groups(group, index, queries, k, budget_bytes)
+
+
+def _triton_group(
+    index: InvertedIndex, queries: Tensor, k: int, budget_bytes: int, select_block: int, programs: int
+) -> tuple[Tensor, Tensor]:
     b, dev = queries.shape[0], index.device
     rows, terms, qw = query_pairs(queries)
     scatter = _scatter_kernel()

@@ -74,7 +74,7 @@ def assert_same_up_to_ties(got, want, q, docs, rtol=1e-5, atol=1e-5) -> None:
 
 
 @pytest.mark.parametrize("block_bits", [4, 6])
-@pytest.mark.parametrize("budget", [4 * 5 * 16, 1 << 20])  # several waves / one wave
+@pytest.mark.parametrize("budget", [4 * 2 * 16, 4 * 5 * 16, 1 << 20])  # query groups / waves / one wave
 @pytest.mark.parametrize("k", [1, 7, 400])  # 400 > the documents sharing a term with most queries
 @pytest.mark.parametrize("integer", [False, True])
 def test_reference_is_brute_force(block_bits: int, budget: int, k: int, integer: bool) -> None:
@@ -152,6 +152,7 @@ def test_bad_queries_are_refused_before_any_launch(query, k, message, monkeypatc
     [
         (500, 60, 10, 1 << 20, False),  # one wave
         (500, 60, 10, 4 * 6 * 64, False),  # several waves, a partial last one
+        (500, 60, 10, 4 * 2 * 64, False),  # groups of 2 queries, one block per wave
         (300, 40, 200, 1 << 20, False),  # k beyond the matching documents
         (400, 30, 15, 4 * 6 * 128, True),  # duplicate scores everywhere
     ],
