@@ -21,6 +21,7 @@ from retrieval.kernels.splade_head import (
     splade_head_triton,
 )
 from retrieval.models.pooling import output_embedding_inputs, output_embedding_name
+from tests.retrieval.models.test_pooling import saved_numels
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the kernel's device: CUDA, else the interpreter on CPU tensors
@@ -160,19 +161,6 @@ def test_triton_gradients_only_at_pooled_positions() -> None:
     torch.testing.assert_close(
         splade_head_triton(hidden, weight, b, mask).double(), expected, rtol=1e-4, atol=1e-4
     )
-
-
-def saved_numels(fn) -> list[int]:
-    """The element counts of every tensor autograd saves for backward while ``fn`` runs."""
-    sizes: list[int] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        sizes.append(tensor.numel())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sizes
 
 
 def test_triton_saves_no_logits_tensor() -> None:
