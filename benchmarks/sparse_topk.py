@@ -63,55 +63,85 @@ RESULTS = REPO / "benchmarks" / "RESULTS.md"
 # --- data --------------------------------------------------------------------------------------
 
 
-def zipf(vocab: int, exponent: float = 1.0) -> torch.Tensor:
-    """(V,) term probabilities ~ 1 / (rank + 10)^exponent, in a fixed random term order."""
-    p = 1.0 / (torch.arange(vocab, dtype=torch.float64) + 10.0) ** exponent
-    return (p / p.sum())[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))]
+def hashed(counter: torch.Tensor, stream: int) -> torch.Tensor:
+    """splitmix64 of ``counter`` in ``stream``: int64 pseudo-random bits, the same on every device.
+
+    Integer arithmetic only (wrapping multiplies, arithmetic shifts), so a collection generated
+    on the GPU here is bit-identical to the one generated on the CPU for the Lucene baseline.
+    """
+    offset = (stream * 0x632BE59BD9B4E019 + (1 << 63)) % (1 << 64) - (1 << 63)  # as a signed int64
+    z = counter * -7046029254386353131 + offset  # golden-ratio increment
+    z = (z ^ (z >> 30)) * -4658895280553007687
+    z = (z ^ (z >> 27)) * -7723592293110705685
+    return z ^ (z >> 31)
+
+
+def term_law(vocab: int, device: str) -> torch.Tensor:
+    """(V + 1,) int64 cumulative counts of a Zipf-like law ~ 1 / (rank + 10), ranks in a hashed order."""
+    ranks = hashed(torch.arange(vocab, device=device), 0).argsort().argsort()  # (V,) a fixed shuffle
+    counts = (1 << 40) // (ranks + 10)  # (V,) exact integers
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def draw_terms(cdf: torch.Tensor, counter: torch.Tensor, stream: int) -> torch.Tensor:
+    """Term ids drawn from the law ``cdf`` for each counter (exact integer inverse CDF)."""
+    r = torch.remainder(hashed(counter, stream) & ((1 << 62) - 1), cdf[-1])
+    return torch.searchsorted(cdf, r, right=True) - 1
+
+
+def weight_table(size: int = 1024) -> torch.Tensor:
+    """(size,) SPLADE-like weights log1p(exp(0.6 z)), z at the quantiles of a standard normal."""
+    normal = statistics.NormalDist()
+    return torch.tensor(
+        [math.log1p(math.exp(0.6 * normal.inv_cdf((i + 0.5) / size))) for i in range(size)],
+        dtype=torch.float16,
+    )
 
 
 def synthetic_index(n_docs: int, nnz: int, vocab: int, device: str, chunk: int = 1 << 24):
-    """Postings of ``n_docs`` documents with about ``nnz`` distinct Zipf terms each.
+    """Postings of ``n_docs`` documents with about ``nnz`` distinct Zipf terms each, device-independent.
 
     Returns:
-        (InvertedIndex float16, the same as a float32 (N, V) CSR matrix, probabilities (V,)).
+        (InvertedIndex float16, the same as a float32 (N, V) CSR matrix, the law's cdf (V + 1,)).
     """
-    p = zipf(vocab).to(device)
+    cdf = term_law(vocab, device)
+    table = weight_table().to(device)
     keys = []
     docs_per_chunk = max(1, chunk // nnz)
     for lo in range(0, n_docs, docs_per_chunk):
         n = min(docs_per_chunk, n_docs - lo)
-        terms = torch.multinomial(p.float(), n * nnz, replacement=True).view(n, nnz)  # (n, nnz)
+        counter = torch.arange(lo * nnz, (lo + n) * nnz, device=device)  # (n * nnz,)
+        terms = draw_terms(cdf, counter, 1).view(n, nnz)
         doc = torch.arange(lo, lo + n, device=device)[:, None]
         keys.append((terms * n_docs + doc).reshape(-1).unique())  # term-major keys, duplicates merged
     key = torch.cat(keys).sort().values  # (P,) term-major, docs ascending within a term
     del keys
-    term, doc = key // n_docs, (key % n_docs)
+    term, doc = key // n_docs, key % n_docs
+    weights = table[hashed(key, 2) & (table.numel() - 1)]  # (P,) float16, a function of (term, doc)
     del key
-    g = torch.Generator(device=device).manual_seed(1)
-    weights = torch.log1p(torch.exp(torch.randn(term.numel(), device=device, generator=g) * 0.6))  # (P,)
     indptr = torch.zeros(vocab + 1, dtype=torch.int64, device=device)
     indptr[1:] = torch.bincount(term, minlength=vocab).cumsum(0)
     doc_ids = doc.to(torch.int32)
-    index = InvertedIndex(
-        indptr, doc_ids, weights.half(), block_pointers(indptr, doc_ids, n_docs, 16), n_docs, 16
-    )
+    index = InvertedIndex(indptr, doc_ids, weights, block_pointers(indptr, doc_ids, n_docs, 16), n_docs, 16)
     order = (doc * vocab + term).argsort()  # document-major for the CSR baseline
     crow = torch.zeros(n_docs + 1, dtype=torch.int64, device=device)
     crow[1:] = torch.bincount(doc, minlength=n_docs).cumsum(0)
-    csr = torch.sparse_csr_tensor(crow, term[order], weights.half().float()[order], (n_docs, vocab))
-    return index, csr, p
+    csr = torch.sparse_csr_tensor(crow, term[order], weights.float()[order], (n_docs, vocab))
+    return index, csr, cdf
 
 
-def synthetic_queries(n: int, terms: int, p: torch.Tensor, df: torch.Tensor, n_docs: int, kind: str):
+def synthetic_queries(n: int, terms: int, cdf: torch.Tensor, df: torch.Tensor, n_docs: int, kind: str):
     """(n, V) CSR queries of about ``terms`` distinct terms: IDF weights or SPLADE-like ones."""
-    g = torch.Generator(device=p.device).manual_seed(2 if kind == "idf" else 3)
-    sampled = torch.multinomial(p.float(), n * terms, replacement=True, generator=g).view(n, terms)
-    dense = torch.zeros(n, p.numel(), device=p.device)
+    stream = 3 if kind == "idf" else 4
+    counter = torch.arange(n * terms, device=cdf.device)
+    sampled = draw_terms(cdf, counter, stream).view(n, terms)  # (n, terms)
+    dense = torch.zeros(n, cdf.numel() - 1, device=cdf.device)
     if kind == "idf":
         idf = torch.log1p((n_docs - df + 0.5) / (df + 0.5))  # (V,)
         dense.scatter_(1, sampled, idf[sampled].float())
     else:
-        dense.scatter_(1, sampled, torch.rand(n, terms, device=p.device, generator=g) * 2 + 0.1)
+        u = (hashed(counter, stream + 10) & 0xFFFF).view(n, terms).float() / 65536  # exact in [0, 1)
+        dense.scatter_(1, sampled, u * 2 + 0.1)
     return dense.to_sparse_csr()
 
 
@@ -274,15 +304,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args) -> None:
-    device = args.device
-    batches = [int(b) for b in args.batches.split(",")]
-    rate = copy_rate(device)
-    budget = [int(float(g) * (1 << 30)) for g in args.budgets_gib.split(",")]
-    log.info("device-to-device copy rate: %.0f GB/s", rate / 1e9)
-    all_rows, all_profiles = [], []
+def synthetic_case(n_docs: int, nnz: int, vocab: int, n_queries: int, device: str):
+    """(index, CSR matrix, {query kind: (n_queries, V) CSR}) of the synthetic collection."""
     start = time.perf_counter()
-    index, csr, p = synthetic_index(args.docs, args.nnz, args.vocab, device)
+    index, csr, cdf = synthetic_index(n_docs, nnz, vocab, device)
     log.info(
         "synthetic: %d docs, %.1f postings/doc, %.2f GB of postings, built in %.0f s",
         index.num_docs,
@@ -291,26 +316,37 @@ def run(args) -> None:
         time.perf_counter() - start,
     )
     df = (index.indptr[1:] - index.indptr[:-1]).double()
-    n_q = max(batches) * (3 if device == "cuda" else 2)
     queries = {
-        "inference-free (IDF)": synthetic_queries(n_q, 7, p, df, args.docs, "idf"),
-        "siamese": synthetic_queries(n_q, 40, p, df, args.docs, "splade"),
+        "inference-free (IDF)": synthetic_queries(n_queries, 7, cdf, df, n_docs, "idf"),
+        "siamese": synthetic_queries(n_queries, 40, cdf, df, n_docs, "splade"),
     }
-    rows, profiles = measure(
-        f"synthetic {args.docs:,} docs",
-        index,
-        csr,
-        queries,
-        batches,
-        args.k,
-        device,
-        rate,
-        args.baseline_max_batch,
-        budget,
-    )
-    all_rows += rows
-    all_profiles += profiles
-    del index, csr
+    return index, csr, queries
+
+
+def run(args) -> None:
+    device = args.device
+    batches = [int(b) for b in args.batches.split(",")]
+    rate = copy_rate(device)
+    budget = [int(float(g) * (1 << 30)) for g in args.budgets_gib.split(",")]
+    log.info("device-to-device copy rate: %.0f GB/s", rate / 1e9)
+    all_rows, all_profiles = [], []
+    for n_docs in (int(d) for d in args.docs.split(",")):
+        index, csr, queries = synthetic_case(n_docs, args.nnz, args.vocab, max(batches) * 3, device)
+        rows, profiles = measure(
+            f"synthetic {n_docs:,} docs ({collection_fingerprint(index)})",
+            index,
+            csr,
+            queries,
+            batches,
+            args.k,
+            device,
+            rate,
+            args.baseline_max_batch,
+            budget,
+        )
+        all_rows += rows
+        all_profiles += profiles
+        del index, csr
     if args.real:
         for name, data in torch.load(args.real, weights_only=True).items():
             docs = data["docs"].to(torch.float32).to(device)
@@ -390,61 +426,86 @@ def lucene_one(searcher, qid: str, vocab: list[str], k: int, block: torch.Tensor
     return searcher.search([qid], block, vocab, k)
 
 
-def lucene(args) -> None:
-    """The CPU side: a Lucene impact index of the same real vectors (scale 100), one query at a time."""
-    import os
+def lucene_rows(name: str, docs: torch.Tensor, queries: dict, vocab: list[str], args) -> list[dict]:
+    """Build a Lucene impact index of ``docs`` (scale 100) and time its queries against the reference."""
     import tempfile
 
-    from transformers import AutoTokenizer
-
     from retrieval.index.impact import ImpactSearcher, build_impact
+
+    rows = []
+    ids = [str(i) for i in range(docs.shape[0])]
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("{}\n")
+        start = time.perf_counter()
+        build_impact(
+            ids,
+            docs,
+            vocab,
+            Path(tmp) / "index",
+            scale=100.0,
+            encoder="synthetic",
+            encoder_checksum="-",
+            tokenizer="-",
+            corpus_path=corpus,
+            threads=args.threads,
+        )
+        log.info("%s: Lucene impact index built in %.0f s", name, time.perf_counter() - start)
+        searcher = ImpactSearcher(Path(tmp) / "index")
+        index = InvertedIndex.from_csr(docs, torch.float16)
+        for kind, q in queries.items():
+            q = q.to(torch.float32).to_sparse_csr()
+            n = min(q.shape[0], args.queries)
+            qids = [f"q{i}" for i in range(n)]
+            single = [csr_rows(q, i, i + 1) for i in range(n)]
+            lat = time_calls(partial(lucene_one, searcher, qids[0], vocab, args.k), single, "cpu")
+            ref = time_calls(partial(sparse_topk_reference, index, k=args.k), single, "cpu")
+            t = time.perf_counter()
+            searcher.search(qids, csr_rows(q, 0, n), vocab, args.k, threads=args.threads)
+            batch_s = time.perf_counter() - t
+            rows.append(
+                {
+                    "data": name,
+                    "queries": kind,
+                    "k": args.k,
+                    "Lucene median ms (1 thread)": statistics.median(lat) * 1e3,
+                    "Lucene p99 ms": sorted(lat)[int(0.99 * (len(lat) - 1))] * 1e3,
+                    f"Lucene QPS ({args.threads} threads)": n / batch_s,
+                    "torch reference median ms (CPU)": statistics.median(ref) * 1e3,
+                }
+            )
+            log.info("%s", rows[-1])
+    return rows
+
+
+def collection_fingerprint(index: InvertedIndex) -> str:
+    """A short digest of a collection's postings: the same on CPU and GPU for the same vectors."""
+    terms = torch.repeat_interleave(torch.arange(index.vocab_size, device=index.device), index.indptr.diff())
+    mix = hashed(terms * index.num_docs + index.doc_ids.long(), 7) ^ index.weights.view(torch.int16).long()
+    return f"{index.doc_ids.numel()}-{int(mix.sum()) & 0xFFFFFFFF:08x}"
+
+
+def lucene(args) -> None:
+    """The CPU side: a Lucene impact index of the same vectors (scale 100), one query at a time."""
+    import os
+
+    from transformers import AutoTokenizer
 
     model = Path(os.environ.get("SPARROW_MODEL_DIR", REPO.parent / "shared" / "models")) / "splade-tiny"
     tok = AutoTokenizer.from_pretrained(str(model))
     vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
     rows = []
-    for name, data in torch.load(args.real, weights_only=True).items():
-        docs = data["docs"].to(torch.float32).to_sparse_csr()
-        ids = [str(i) for i in range(docs.shape[0])]
-        with tempfile.TemporaryDirectory() as tmp:
-            corpus = Path(tmp) / "corpus.jsonl"
-            corpus.write_text("{}\n")
-            build_impact(
-                ids,
-                docs,
-                vocab,
-                Path(tmp) / "index",
-                scale=100.0,
-                encoder="splade-tiny",
-                encoder_checksum="-",
-                tokenizer=str(model),
-                corpus_path=corpus,
-                threads=args.threads,
-            )
-            searcher = ImpactSearcher(Path(tmp) / "index")
-            index = InvertedIndex.from_csr(docs, torch.float16)
-            for kind in ("inference-free (IDF)", "siamese"):
-                q = data[kind].to(torch.float32).to_sparse_csr()
-                qids = [f"q{i}" for i in range(q.shape[0])]
-                single = [csr_rows(q, i, i + 1) for i in range(q.shape[0])]
-                searcher.search(qids[:1], single[0], vocab, args.k)  # warm-up
-                lat = time_calls(partial(lucene_one, searcher, qids[0], vocab, args.k), single, "cpu")
-                ref = time_calls(partial(sparse_topk_reference, index, k=args.k), single, "cpu")
-                t = time.perf_counter()
-                searcher.search(qids, q, vocab, args.k, threads=args.threads)
-                batch_s = time.perf_counter() - t
-                rows.append(
-                    {
-                        "data": name,
-                        "queries": kind,
-                        "k": args.k,
-                        "Lucene median ms (1 thread)": statistics.median(lat) * 1e3,
-                        "Lucene p99 ms": sorted(lat)[int(0.99 * (len(lat) - 1))] * 1e3,
-                        f"Lucene QPS ({args.threads} threads, all queries)": len(qids) / batch_s,
-                        "torch reference median ms (CPU)": statistics.median(ref) * 1e3,
-                    }
-                )
-                log.info("%s", rows[-1])
+    for n_docs in (int(d) for d in args.synthetic_docs.split(",") if d):
+        index, csr, queries = synthetic_case(n_docs, args.nnz, len(vocab), args.queries, "cpu")
+        log.info("synthetic %d docs, fingerprint %s", n_docs, collection_fingerprint(index))
+        rows += lucene_rows(
+            f"synthetic {n_docs:,} docs ({collection_fingerprint(index)})", csr, queries, vocab, args
+        )
+    if args.real:
+        for name, data in torch.load(args.real, weights_only=True).items():
+            kinds = ("inference-free (IDF)", "siamese")
+            docs = data["docs"].to(torch.float32).to_sparse_csr()
+            rows += lucene_rows(name, docs, {kind: data[kind] for kind in kinds}, vocab, args)
     text = table(rows)
     print(text)
     if not args.no_append:
@@ -465,7 +526,7 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--docs", type=int, default=8_800_000)
+    r.add_argument("--docs", default="1000000,8800000", help="synthetic collection sizes, comma-separated")
     r.add_argument("--nnz", type=int, default=120)
     r.add_argument("--vocab", type=int, default=30_522)
     r.add_argument("--batches", default="1,32,1000")
@@ -478,7 +539,11 @@ def main() -> None:
     )
     r.add_argument("--no-append", action="store_true")
     lu = sub.add_parser("lucene")
-    lu.add_argument("--real", default=str(REPO / ".bench" / "sparse_real.pt"))
+    lu.add_argument("--real", default=None, help="file from `export` (SciFact / NFCorpus encodings)")
+    lu.add_argument("--synthetic-docs", default="", help="synthetic collection sizes (the GPU run's vectors)")
+    lu.add_argument("--nnz", type=int, default=120)
+    lu.add_argument("--queries", type=int, default=200, help="queries timed per kind")
+    lu.add_argument("--tmp", default=None, help="folder for the temporary Lucene index")
     lu.add_argument("--k", type=int, default=1000)
     lu.add_argument("--threads", type=int, default=2)
     lu.add_argument("--no-append", action="store_true")
