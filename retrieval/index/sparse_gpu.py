@@ -37,8 +37,8 @@ from retrieval.index.manifest import (
     read_manifest,
     write_manifest,
 )
-from retrieval.index.sparse_torch import DOC_IDS, SHARDS, check_vectors
-from retrieval.kernels.sparse_topk import WEIGHT_DTYPES, InvertedIndex, block_pointers, csr_rows, sparse_topk
+from retrieval.index.sparse_torch import DOC_IDS, SHARDS, check_vectors, rankings
+from retrieval.kernels.sparse_topk import WEIGHT_DTYPES, InvertedIndex, csr_rows, sparse_topk
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,8 @@ def build_sparse_gpu(
     start = time.perf_counter()
     index = InvertedIndex.from_csr(vectors.cpu().to(torch.float32), WEIGHT_DTYPES[weight_dtype])
     with building(out_dir, overwrite=overwrite) as work:
-        state = {
-            "indptr": index.indptr,
-            "doc_ids": index.doc_ids,
-            "weights": index.weights,
-            "num_docs": index.num_docs,
-            "block_bits": index.block_bits,
-        }
         tmp = work / (POSTINGS + ".tmp")
-        torch.save(state, tmp)
+        torch.save(index.state(), tmp)
         tmp.replace(work / POSTINGS)
         atomic_write_text(work / DOC_IDS, json.dumps(list(doc_ids), ensure_ascii=False) + "\n")
         shutil.rmtree(work / SHARDS, ignore_errors=True)
@@ -151,15 +144,7 @@ class SparseGpuSearcher:
                 f"{self.index_dir}: {len(self.doc_ids)} doc ids, {state['num_docs']} documents in the "
                 f"postings, manifest says {self.manifest.num_docs}; rebuild the index"
             )
-        indptr, ids = state["indptr"].to(self.device), state["doc_ids"].to(self.device)
-        self.index = InvertedIndex(
-            indptr,
-            ids,
-            state["weights"].to(self.device),
-            block_pointers(indptr, ids, state["num_docs"], state["block_bits"]),
-            state["num_docs"],
-            state["block_bits"],
-        )
+        self.index = InvertedIndex.from_state(state, self.device)
         log.info(
             "sparse_gpu index %s: %d documents, %.1f MB of postings on %s",
             self.index_dir,
@@ -189,8 +174,5 @@ class SparseGpuSearcher:
         for lo in range(0, len(query_ids), batch_size):
             block = csr_rows(queries, lo, lo + batch_size).to(self.device)
             scores, docs = sparse_topk(self.index, block, k, self.budget_bytes)  # (B, k) each
-            for qid, vals, rows in zip(
-                query_ids[lo : lo + batch_size], scores.tolist(), docs.tolist(), strict=True
-            ):
-                run[qid] = {self.doc_ids[i]: v for v, i in zip(vals, rows, strict=True) if i >= 0}
+            run.update(rankings(query_ids[lo : lo + batch_size], scores, docs, self.doc_ids))
         return Run(run)

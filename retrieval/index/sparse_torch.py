@@ -213,11 +213,19 @@ class SparseTorchSearcher:
         for lo in range(0, len(query_ids), batch_size):
             scores = self.score(csr_rows(queries, lo, lo + batch_size).to(self.device))  # (B, N)
             values, rows = topk_with_id_ties(scores.masked_fill_(scores == 0, float("-inf")), k)  # (B, k)
-            block_ids = query_ids[lo : lo + batch_size]
-            for qid, vals, idx in zip(block_ids, values.tolist(), rows.tolist(), strict=True):
-                run[qid] = {self.doc_ids[i]: v for v, i in zip(vals, idx, strict=True) if i >= 0}
+            run.update(rankings(query_ids[lo : lo + batch_size], values, rows, self.doc_ids))
         return Run(run)
 
     def score(self, queries: torch.Tensor) -> torch.Tensor:
         """(B, N) dense float32 scores of a CSR ``(B, V)`` query block against every document."""
         return (queries @ self.postings).to_dense()  # (B, V) @ (V, N) -> (B, N)
+
+
+def rankings(
+    query_ids: list[str], values: torch.Tensor, rows: torch.Tensor, doc_ids: list[str]
+) -> dict[str, dict[str, float]]:
+    """``{query id: {doc id: score}}`` of (B, k) top-k scores and document rows (row -1: empty slot)."""
+    return {
+        qid: {doc_ids[i]: v for v, i in zip(vals, idx, strict=True) if i >= 0}
+        for qid, vals, idx in zip(query_ids, values.tolist(), rows.tolist(), strict=True)
+    }

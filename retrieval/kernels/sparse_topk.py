@@ -138,6 +138,23 @@ class InvertedIndex:
         move = {f: getattr(self, f).to(device) for f in ("indptr", "doc_ids", "weights", "block_ptr")}
         return InvertedIndex(**move, num_docs=self.num_docs, block_bits=self.block_bits)
 
+    def state(self) -> dict:
+        """The tensors to save (``torch.load(weights_only=True)`` reads them); not the block pointers."""
+        return {
+            "indptr": self.indptr,
+            "doc_ids": self.doc_ids,
+            "weights": self.weights,
+            "num_docs": self.num_docs,
+            "block_bits": self.block_bits,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str) -> InvertedIndex:
+        """The index of :meth:`state` on ``device``, block pointers rebuilt there."""
+        indptr, ids = state["indptr"].to(device), state["doc_ids"].to(device)
+        n, bits = state["num_docs"], state["block_bits"]
+        return cls(indptr, ids, state["weights"].to(device), block_pointers(indptr, ids, n, bits), n, bits)
+
 
 def block_pointers(
     indptr: Tensor, doc_ids: Tensor, num_docs: int, block_bits: int, chunk: int = 1 << 26
