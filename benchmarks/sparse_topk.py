@@ -39,6 +39,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -50,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from retrieval.kernels.sparse_topk import (  # noqa: E402
     InvertedIndex,
+    SingleQuerySearch,
     block_pointers,
     csr_rows,
     sparse_topk_reference,
@@ -98,7 +100,7 @@ def weight_table(size: int = 1024) -> torch.Tensor:
     )
 
 
-def synthetic_index(n_docs: int, nnz: int, vocab: int, device: str, chunk: int = 1 << 24):
+def synthetic_index(n_docs: int, nnz: int, vocab: int, device: str, bits: int = 14, chunk: int = 1 << 24):
     """Postings of ``n_docs`` documents with about ``nnz`` distinct Zipf terms each, device-independent.
 
     Returns:
@@ -122,7 +124,9 @@ def synthetic_index(n_docs: int, nnz: int, vocab: int, device: str, chunk: int =
     indptr = torch.zeros(vocab + 1, dtype=torch.int64, device=device)
     indptr[1:] = torch.bincount(term, minlength=vocab).cumsum(0)
     doc_ids = doc.to(torch.int32)
-    index = InvertedIndex(indptr, doc_ids, weights, block_pointers(indptr, doc_ids, n_docs, 16), n_docs, 16)
+    index = InvertedIndex(
+        indptr, doc_ids, weights, block_pointers(indptr, doc_ids, n_docs, bits), n_docs, bits
+    )
     order = (doc * vocab + term).argsort()  # document-major for the CSR baseline
     crow = torch.zeros(n_docs + 1, dtype=torch.int64, device=device)
     crow[1:] = torch.bincount(doc, minlength=n_docs).cumsum(0)
@@ -230,13 +234,32 @@ def profile_kernel(fn, device: str) -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])[:8]
 
 
+def profile_host(fn, device: str) -> list[tuple[str, float]]:
+    """Host time (ms) of one call by torch operator (self time, with call counts), largest first.
+
+    The first row is the whole call's wall time and the number of operators it dispatched.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    ops = sum(e.count for e in events)
+    rows = [(f"{e.key} x{e.count}", e.self_cpu_time_total / 1000) for e in events]
+    return [(f"whole call, {ops} operator calls (profiled)", wall)] + sorted(rows, key=lambda r: -r[1])[:7]
+
+
 # --- the measurement ------------------------------------------------------------------------------
 
 
-def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baseline_max_batch, budgets):
+def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baseline_max_batch, budgets, search):
     """One row per (query kind, batch, accumulator budget); the baseline once per (kind, batch)."""
     rows, profiles = [], []
-    search = sparse_topk_triton if device == "cuda" else sparse_topk_reference
     for kind, queries in queries_by_kind.items():
         for batch in batches:
             n_calls = max(3, min(50, 2000 // batch)) if device == "cuda" else 2
@@ -252,12 +275,15 @@ def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baselin
                     "torch.sparse peak GiB": peak(partial(baseline, blocks[0]), device),
                     "reference": baseline(blocks[0]),
                 }
-            for budget in budgets:
-                kernel = partial(search, index, k=k, budget_bytes=budget)
+            modes = [(kind, budget, partial(search, index, k=k, budget_bytes=budget)) for budget in budgets]
+            if batch == 1 and device == "cuda":
+                graphs = SingleQuerySearch(index, k)
+                modes.append((f"{kind}, single-query mode (CUDA graphs)", graphs.budget_bytes, graphs))
+            for label, budget, kernel in modes:
                 times = time_calls(kernel, blocks, device)
                 row = {
                     "data": name,
-                    "queries": kind,
+                    "queries": label,
                     "terms/query": statistics.mean(b.values().numel() for b in blocks) / batch,
                     "batch": batch,
                     "k": k,
@@ -278,11 +304,17 @@ def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baselin
                 log.info(
                     "%s", json.dumps({c: round(v, 4) if isinstance(v, float) else v for c, v in row.items()})
                 )
+            best = max((r for r in rows[-len(modes) :][: len(budgets)]), key=lambda r: r["kernel QPS"])
+            kernel = partial(search, index, k=k, budget_bytes=int(best["budget MiB"] * 2**20))
+            title = f"{name} {kind} batch {batch}, budget {best['budget MiB']:.0f} MiB"
             if batch == max(batches):
-                best = max((r for r in rows[-len(budgets) :]), key=lambda r: r["kernel QPS"])
-                kernel = partial(search, index, k=k, budget_bytes=int(best["budget MiB"] * 2**20))
-                title = f"{name} {kind} batch {batch}, budget {best['budget MiB']:.0f} MiB"
-                profiles.append((title, profile_kernel(partial(kernel, blocks[0]), device)))
+                profiles.append(
+                    (f"GPU time by kernel, {title}", profile_kernel(partial(kernel, blocks[0]), device))
+                )
+            if batch == min(batches):
+                profiles.append(
+                    (f"host time by operator, {title}", profile_host(partial(kernel, blocks[0]), device))
+                )
     return rows, profiles
 
 
@@ -323,6 +355,13 @@ def synthetic_case(n_docs: int, nnz: int, vocab: int, n_queries: int, device: st
     return index, csr, queries
 
 
+def kernel_search(device: str, scatter_block: int):
+    """The searcher timed: the Triton kernels on CUDA, the torch reference elsewhere."""
+    if device == "cuda":
+        return partial(sparse_topk_triton, scatter_block=scatter_block)
+    return sparse_topk_reference
+
+
 def run(args) -> None:
     device = args.device
     batches = [int(b) for b in args.batches.split(",")]
@@ -330,22 +369,30 @@ def run(args) -> None:
     budget = [int(float(g) * (1 << 30)) for g in args.budgets_gib.split(",")]
     log.info("device-to-device copy rate: %.0f GB/s", rate / 1e9)
     all_rows, all_profiles = [], []
+    configs = [(int(b), int(s)) for b in args.block_bits.split(",") for s in args.scatter_blocks.split(",")]
     for n_docs in (int(d) for d in args.docs.split(",")):
         index, csr, queries = synthetic_case(n_docs, args.nnz, args.vocab, max(batches) * 3, device)
-        rows, profiles = measure(
-            f"synthetic {n_docs:,} docs ({collection_fingerprint(index)})",
-            index,
-            csr,
-            queries,
-            batches,
-            args.k,
-            device,
-            rate,
-            args.baseline_max_batch,
-            budget,
-        )
-        all_rows += rows
-        all_profiles += profiles
+        name = f"synthetic {n_docs:,} docs ({collection_fingerprint(index)})"
+        for bits, scatter_block in configs:
+            index = replace(
+                index, block_ptr=block_pointers(index.indptr, index.doc_ids, n_docs, bits), block_bits=bits
+            )
+            config = f", blocks 2^{bits}, scatter {scatter_block}" if len(configs) > 1 else ""
+            rows, profiles = measure(
+                name + config,
+                index,
+                csr,
+                queries,
+                batches,
+                args.k,
+                device,
+                rate,
+                args.baseline_max_batch,
+                budget,
+                kernel_search(device, scatter_block),
+            )
+            all_rows += rows
+            all_profiles += profiles
         del index, csr
     if args.real:
         for name, data in torch.load(args.real, weights_only=True).items():
@@ -356,14 +403,24 @@ def run(args) -> None:
             qs = {kind: data[kind].to(torch.float32).to(device).to_sparse_csr() for kind in kinds}
             real_batches = [b for b in batches if b <= min(q.shape[0] for q in qs.values())] or [1]
             rows, profiles = measure(
-                name, index, csr, qs, real_batches, args.k, device, rate, args.baseline_max_batch, budget
+                name,
+                index,
+                csr,
+                qs,
+                real_batches,
+                args.k,
+                device,
+                rate,
+                args.baseline_max_batch,
+                budget,
+                kernel_search(device, int(args.scatter_blocks.split(",")[0])),
             )
             all_rows += rows
             all_profiles += profiles
     text = table(all_rows)
     print(text)
-    for title, prof in all_profiles:
-        print(f"\nGPU time by kernel, {title}:")
+    for title, prof in (p for p in all_profiles if p[1]):
+        print(f"\n{title}:")
         for kname, ms in prof:
             print(f"  {ms:9.3f} ms  {kname[:90]}")
     if not args.no_append:
@@ -534,6 +591,10 @@ def main() -> None:
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--real", default=None, help="file from `export` (SciFact / NFCorpus encodings)")
     r.add_argument("--baseline-max-batch", type=int, default=1000)
+    r.add_argument(
+        "--block-bits", default="14", help="index block sizes (log2 docs) to sweep, comma-separated"
+    )
+    r.add_argument("--scatter-blocks", default="1024", help="postings per scatter iteration to sweep")
     r.add_argument(
         "--budgets-gib", default="0.03,0.25,2,8", help="kernel accumulators per wave (GiB), each measured"
     )

@@ -25,13 +25,14 @@ cheap; a large one means fewer, larger steps. Per wave ``[lo, hi)``:
 1. *segments*: for every (query, term) pair, the slice of the term's postings inside the wave
    (two reads of ``block_ptr``);
 2. *scatter*: ``acc[b, doc - lo] += q_bj * w_jd`` for every posting of every segment -- the
-   Triton kernel :func:`_scatter_kernel` (one program per slice of a segment, float32 atomic
-   adds; no host synchronisation), or ``index_add_`` in the torch reference;
+   Triton kernel ``scatter`` (one program per (pair, index block), float32 atomic adds that stay
+   in L2; no host synchronisation), or ``index_add_`` in the torch reference;
 3. *select*: documents scoring 0 share no term and are dropped (as from an inverted index);
    the wave's top ``k`` is taken in two stages: the maximum of every run of ``select_block``
-   documents, the ``k`` best runs, then the top ``k`` of their documents. Every document of the
-   wave's top ``k`` lies in those runs (a run outside them has a maximum below ``k`` other
-   documents'), so the result is exact, up to the order of equal scores;
+   documents (the Triton kernel ``run_max``), the ``k`` best runs, then the top ``k`` of their
+   documents. Every document of the wave's top ``k`` lies in those runs (a run outside them has
+   a maximum below ``k`` other documents'), so the result is exact, up to the order of equal
+   scores;
 4. *merge* with the candidates of earlier waves: (score desc, document id asc).
 
 Only ``batch x wave`` accumulators exist at once; the ``batch x documents`` matrix never does.
@@ -51,6 +52,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -60,7 +62,7 @@ from retrieval.eval.topk import sort_by_score_then_id, topk_with_id_ties
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_SCATTER_BLOCK = 1024  # postings per program iteration
+_MAX_WAVE_BLOCKS = 65535  # index blocks per wave: the scatter's second grid dimension
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class InvertedIndex:
 
     @classmethod
     def from_csr(
-        cls, docs: Tensor, dtype: torch.dtype = torch.float16, block_bits: int = 16
+        cls, docs: Tensor, dtype: torch.dtype = torch.float16, block_bits: int = 14
     ) -> InvertedIndex:
         """The inverted index of ``(N, V)`` CSR document vectors.
 
@@ -195,22 +197,23 @@ def check_queries(queries: Tensor, vocab_size: int, k: int) -> Tensor:
         raise ValueError(f"queries have V={queries.shape[1]} terms but the index has V={vocab_size}")
     queries = queries.to_sparse_csr() if queries.layout != torch.sparse_csr else queries
     cols, values = queries.col_indices(), queries.values()
-    rows = _row_of_entries(queries)
     bad_id = (cols < 0) | (cols >= vocab_size)
-    bad_weight = ~torch.isfinite(values) | (values < 0)
-    if bool((bad_id | bad_weight).any()):  # one host sync, before any launch
-        i = int((bad_id | bad_weight).nonzero()[0, 0])
+    bad = bad_id | ~torch.isfinite(values) | (values < 0)
+    if bool(bad.any()):  # one host sync, before any launch
+        i = int(bad.nonzero()[0, 0])
+        row = int(torch.searchsorted(queries.crow_indices(), i, right=True)) - 1
         what = (
             f"term id {int(cols[i])} outside [0, {vocab_size})" if bad_id[i] else f"weight {float(values[i])}"
         )
-        raise ValueError(f"query {int(rows[i])}: {what}; weights must be finite and >= 0")
+        raise ValueError(f"query {row}: {what}; weights must be finite and >= 0")
     return queries.to(torch.float32)
 
 
 def _row_of_entries(csr: Tensor) -> Tensor:
-    """(nnz,) int64 row of every stored entry of a CSR matrix."""
+    """(nnz,) int64 row of every stored entry of a CSR matrix (no host synchronisation)."""
     crow = csr.crow_indices()
-    return torch.repeat_interleave(torch.arange(csr.shape[0], device=crow.device), crow.diff())
+    rows = torch.arange(csr.shape[0], device=crow.device)
+    return torch.repeat_interleave(rows, crow.diff(), output_size=csr.values().numel())
 
 
 # --- the shared steps ------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def query_pairs(queries: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def wave_size(batch: int, num_docs: int, block_bits: int, budget_bytes: int) -> int:
     """Documents per wave: a multiple of the index block, at most ``budget_bytes`` of accumulators."""
     block = 1 << block_bits
-    blocks = max(1, budget_bytes // (4 * max(batch, 1) * block))
+    blocks = min(_MAX_WAVE_BLOCKS, max(1, budget_bytes // (4 * max(batch, 1) * block)))
     return min(blocks * block, -(-num_docs // block) * block)
 
 
@@ -251,29 +254,6 @@ def segments(index: InvertedIndex, terms: Tensor, lo: int, hi: int) -> tuple[Ten
     first = lo >> index.block_bits
     last = min(n_blocks, -(-hi // (1 << index.block_bits)))
     return index.block_ptr[terms, first], index.block_ptr[terms, last]
-
-
-def select_wave(acc: Tensor, lo: int, k: int, select_block: int) -> tuple[Tensor, Tensor]:
-    """Top ``k`` of a ``(B, W)`` accumulator block by the two-stage run selection; zeros dropped.
-
-    ``W`` must be a multiple of ``select_block``. One read of the block (the run maxima); scores
-    are ``>= 0``, so a run of zeros is never chosen over a run with a hit, and the zeros among
-    the chosen runs' documents are dropped there, on the small candidate block.
-
-    Returns:
-        (scores, doc ids): (B, k') float32 and int64, ``k' = min(k, W)``; ids offset by ``lo``,
-        ``-1`` (score ``-inf``) in empty slots.
-    """
-    b, w = acc.shape
-    runs = acc.view(b, w // select_block, select_block)  # (B, R, S)
-    n_runs = min(k, runs.shape[1])
-    best = runs.amax(2).topk(n_runs, dim=1).indices  # (B, n_runs) the runs holding the top k
-    cand = torch.gather(runs, 1, best[:, :, None].expand(-1, -1, select_block))  # (B, n_runs, S)
-    cand = cand.reshape(b, -1)
-    ids = (best[:, :, None] * select_block + torch.arange(select_block, device=acc.device)).reshape(b, -1)
-    vals, pos = topk_with_id_ties(cand.masked_fill_(cand == 0, float("-inf")), min(k, cand.shape[1]))
-    docs = torch.gather(ids, 1, pos.clamp(min=0)) + lo  # (B, k')
-    return vals, docs.masked_fill_(pos < 0, -1)
 
 
 def merge_topk(scores: Tensor, docs: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -309,12 +289,12 @@ def query_groups(n_queries: int, block_bits: int, budget_bytes: int) -> list[tup
 
 def in_groups(score_group, index: InvertedIndex, queries: Tensor, k: int, budget_bytes: int):
     """``score_group(index, rows, k, budget_bytes)`` over :func:`query_groups`, results concatenated."""
-    parts = [
-        score_group(index, csr_rows(queries, lo, hi), k, budget_bytes)
-        for lo, hi in query_groups(queries.shape[0], index.block_bits, budget_bytes)
-    ]
-    if not parts:  # no queries
+    groups = query_groups(queries.shape[0], index.block_bits, budget_bytes)
+    if not groups:  # no queries
         return pad_topk(*_empty_lists(0, index.device), k)
+    if len(groups) == 1:
+        return score_group(index, queries, k, budget_bytes)
+    parts = [score_group(index, csr_rows(queries, lo, hi), k, budget_bytes) for lo, hi in groups]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -368,7 +348,7 @@ def _reference_group(
     return pad_topk(*best, k)
 
 
-# --- the Triton kernel -----------------------------------------------------------------------------
+# --- the Triton kernels ----------------------------------------------------------------------------
 
 
 def sparse_topk_triton(
@@ -377,76 +357,226 @@ def sparse_topk_triton(
     k: int,
     budget_bytes: int = 1 << 30,
     select_block: int = 64,
-    programs: int = 1 << 15,
+    scatter_block: int = 1024,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`sparse_topk_reference` with the scatter as a Triton kernel and the two-stage selection.
+    """:func:`sparse_topk_reference` with the scatter and the run maxima as Triton kernels.
 
-    Same arguments and results; ``select_block`` documents
-    per run of the selection (a power of two dividing the index block); ``programs`` the
-    number of programs a scatter launch aims at (each (query, term) segment is split over
-    ``programs / segments`` of them, a power of two, so long posting lists spread over the GPU).
-    Runs on CUDA tensors, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``, for
-    tests).
+    Same arguments and results; ``select_block`` documents per run of the selection (a power of
+    two dividing the index block); ``scatter_block`` postings per iteration of a scatter program
+    (a power of two). Runs on CUDA tensors, or on CPU tensors in Triton's
+    interpreter (``TRITON_INTERPRET=1``, for tests).
+
+    The scatter launches one program per (query term, index block of the wave), ordered so that
+    the programs running at once cover one index block of a few hundred queries: their atomic
+    adds stay in the L2 cache. Candidates are packed ``(float32 score bits << 32) | (2^32 - 1 -
+    doc id)`` into int64 keys (scores are ``>= 0``, so the bits order like the floats): one
+    ``topk`` on the keys is the top ``k`` by (score desc, id asc), and merging waves is one more.
+    No host synchronisation after the input check.
     """
     if select_block < 1 or (1 << index.block_bits) % select_block:
         raise ValueError(
             f"select_block must divide the index block {1 << index.block_bits}, got {select_block}"
         )
+    if scatter_block < 16 or scatter_block & (scatter_block - 1):
+        raise ValueError(f"scatter_block must be a power of two >= 16, got {scatter_block}")
+    if index.num_docs >= 1 << 32:
+        raise ValueError(f"the kernel packs document ids in 32 bits; the index has {index.num_docs:,}")
     queries = check_queries(queries, index.vocab_size, k).to(index.device)
-    group = partial(_triton_group, select_block=select_block, programs=programs)
+    group = partial(_triton_group, select_block=select_block, scatter_block=scatter_block)
     return in_groups(group, index, queries, k, budget_bytes)
 
 
 def _triton_group(
-    index: InvertedIndex, queries: Tensor, k: int, budget_bytes: int, select_block: int, programs: int
+    index: InvertedIndex, queries: Tensor, k: int, budget_bytes: int, select_block: int, scatter_block: int
 ) -> tuple[Tensor, Tensor]:
     b, dev = queries.shape[0], index.device
     rows, terms, qw = query_pairs(queries)
-    scatter = _scatter_kernel()
-    best = _empty_lists(b, dev)
+    n_pairs = torch.full((1,), len(terms), dtype=torch.int64, device=dev)
+    best = torch.empty(b, 0, dtype=torch.int64, device=dev)  # (B, <=k) packed keys, best first
     w = wave_size(b, index.num_docs, index.block_bits, budget_bytes)
-    split = _split(len(terms), programs)
     for lo in range(0, index.num_docs, w):
         hi = min(lo + w, index.num_docs)
-        width = -(-(hi - lo) // select_block) * select_block  # whole runs; the tail stays 0
-        acc = torch.zeros(b, width, device=dev)  # (B, W)
-        if len(terms):
-            start, end = segments(index, terms, lo, hi)
-            scatter[(len(terms), split)](
-                acc,
-                width,
-                lo,
-                rows,
-                qw,
-                start,
-                end,
-                index.doc_ids,
-                index.weights,
-                split,
-                BLOCK=_SCATTER_BLOCK,
+        keys = score_wave(index, (rows, terms, qw, n_pairs), b, lo, hi, k, select_block, scatter_block)
+        best = keys if not best.shape[1] else torch.cat([best, keys], 1).topk(k, dim=1).values
+    return unpack_keys(best, k)
+
+
+def score_wave(
+    index: InvertedIndex,
+    pairs: tuple[Tensor, Tensor, Tensor, Tensor],
+    b: int,
+    lo: int,
+    hi: int,
+    k: int,
+    select_block: int,
+    scatter_block: int,
+) -> Tensor:
+    """The top ``k`` documents in ``[lo, hi)`` of ``b`` queries as packed keys (:func:`wave_keys`).
+
+    ``pairs`` = (rows, terms, weights, n_pairs): (M,) query row, term and weight of every pair,
+    and a (1,) int64 device tensor counting the live ones (pairs past it are padding and add
+    nothing: what lets a CUDA graph serve queries of any length up to ``M``).
+    """
+    rows, terms, qw, n_pairs = pairs
+    width = -(-(hi - lo) // select_block) * select_block  # whole runs; the tail stays 0
+    acc = torch.zeros(b, width, device=index.device)  # (B, W)
+    if len(terms):
+        _kernels().scatter[(len(terms), -(-(hi - lo) >> index.block_bits))](
+            acc,
+            width,
+            lo,
+            rows,
+            qw,
+            terms,
+            n_pairs,
+            index.block_ptr,
+            index.block_ptr.shape[1],
+            lo >> index.block_bits,
+            index.doc_ids,
+            index.weights,
+            BLOCK=scatter_block,
+        )
+    return wave_keys(acc, run_maxima(acc, select_block), lo, k, select_block)
+
+
+class SingleQuerySearch:
+    """Single-query mode: one query at a time, the whole search replayed from a CUDA graph.
+
+    A batch of one spends most of its time launching ~40 small operations from Python; here
+    they are captured once per *capacity* (the number of query terms a graph holds: the next
+    power of two, at least 16) and replayed, so a query costs the input check, three copies and
+    one graph launch. Queries with more terms than ``max_terms``, or a collection too large for
+    one wave of ``budget_bytes``, go through :func:`sparse_topk_triton`. Off CUDA (tests, in
+    Triton's interpreter) the same padded computation runs eagerly.
+
+    Args:
+        index: the inverted index (on a CUDA device for graphs).
+        k: documents per query.
+        budget_bytes, select_block, scatter_block: as for :func:`sparse_topk_triton`.
+        max_terms: (int, default 1024) the largest capacity captured.
+    """
+
+    def __init__(
+        self,
+        index: InvertedIndex,
+        k: int,
+        budget_bytes: int = 1 << 30,
+        select_block: int = 64,
+        scatter_block: int = 1024,
+        max_terms: int = 1024,
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.index, self.k, self.max_terms = index, k, max_terms
+        self.budget_bytes, self.select_block, self.scatter_block = budget_bytes, select_block, scatter_block
+        self.one_wave = wave_size(1, index.num_docs, index.block_bits, budget_bytes) >= index.num_docs
+        self._graphs: dict[int, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle() if index.device.type == "cuda" else None
+
+    def __call__(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """(scores, docs): (1, k) each, as :func:`sparse_topk_triton` returns for a batch of one."""
+        q = check_queries(query, self.index.vocab_size, self.k).to(self.index.device)
+        if q.shape[0] != 1:
+            raise ValueError(f"single-query mode takes one query, got {q.shape[0]}")
+        m = q.values().numel()
+        if m > self.max_terms or not self.one_wave:
+            return sparse_topk_triton(
+                self.index, q, self.k, self.budget_bytes, self.select_block, self.scatter_block
             )
-        vals, docs = select_wave(acc, lo, k, select_block)
-        best = merge_topk(torch.cat([best[0], vals], 1), torch.cat([best[1], docs], 1), k)
-    return pad_topk(*best, k)
+        capacity = max(16, 1 << (m - 1).bit_length())
+        if capacity not in self._graphs:
+            self._graphs[capacity] = self._prepare(capacity)
+        graph, (terms, qw, n_pairs), out = self._graphs[capacity]
+        terms[:m].copy_(q.col_indices())
+        qw[:m].copy_(q.values())
+        n_pairs.fill_(m)
+        if graph is None:
+            return unpack_keys(self._search(*self._graphs[capacity][1]), self.k)
+        graph.replay()
+        return out[0].clone(), out[1].clone()
+
+    def _search(self, terms: Tensor, qw: Tensor, n_pairs: Tensor) -> Tensor:
+        rows = torch.zeros_like(terms)
+        pairs = (rows, terms, qw, n_pairs)
+        n = self.index.num_docs
+        return score_wave(self.index, pairs, 1, 0, n, self.k, self.select_block, self.scatter_block)
+
+    def _prepare(self, capacity: int) -> tuple:
+        """(graph or None off CUDA, the input buffers, the output tensors) for ``capacity`` terms."""
+        dev = self.index.device
+        inputs = (
+            torch.zeros(capacity, dtype=torch.int64, device=dev),
+            torch.zeros(capacity, device=dev),
+            torch.zeros(1, dtype=torch.int64, device=dev),
+        )
+        if dev.type != "cuda":
+            return None, inputs, None
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
+            unpack_keys(self._search(*inputs), self.k)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):  # graphs share memory: outputs are copied
+            out = unpack_keys(self._search(*inputs), self.k)
+        return graph, inputs, out
 
 
-def _split(pairs: int, programs: int) -> int:
-    """Programs per (query, term) segment: a power of two giving about ``programs`` in all."""
-    want = max(1, programs // max(pairs, 1))
-    return min(4096, 1 << (want.bit_length() - 1))
+def run_maxima(acc: Tensor, select_block: int) -> Tensor:
+    """(B, W / select_block) the maximum of every run of ``select_block`` documents (a Triton kernel)."""
+    b, w = acc.shape
+    maxima = torch.empty(b, w // select_block, device=acc.device)
+    n_runs = maxima.numel()
+    _kernels().run_max[(-(-n_runs // _MAX_RUNS),)](acc, maxima, n_runs, RUN=select_block, RUNS=_MAX_RUNS)
+    return maxima
 
 
+def wave_keys(acc: Tensor, maxima: Tensor, lo: int, k: int, select_block: int) -> Tensor:
+    """The top ``k`` documents of a ``(B, W)`` accumulator block as packed keys, best first.
+
+    Two stages: the ``k`` runs with the largest maxima hold the top ``k`` documents (a run
+    outside them has a maximum below ``k`` other documents'), then the top ``k`` of those runs'
+    documents by key. Zero scores (documents sharing no term) pack below every hit and are
+    dropped by :func:`unpack_keys`.
+
+    Returns:
+        (B, min(k, W)) int64 keys, descending; ids offset by ``lo``.
+    """
+    b = acc.shape[0]
+    runs = acc.view(b, -1, select_block)  # (B, R, S)
+    best = maxima.topk(min(k, runs.shape[1]), dim=1, sorted=False).indices  # (B, r)
+    cand = torch.gather(runs, 1, best[:, :, None].expand(-1, -1, select_block)).reshape(b, -1)  # (B, r*S)
+    ids = (best[:, :, None] * select_block + torch.arange(select_block, device=acc.device)).reshape(b, -1)
+    keys = pack_keys(cand, ids + lo)  # (B, r*S)
+    return keys.topk(min(k, keys.shape[1]), dim=1).values
+
+
+def pack_keys(scores: Tensor, docs: Tensor) -> Tensor:
+    """int64 keys ordering (score desc, doc id asc) for scores ``>= 0`` and ids in ``[0, 2^32)``."""
+    return (scores.view(torch.int32).to(torch.int64) << 32) | (_ID_MASK - docs)
+
+
+def unpack_keys(keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(B, C)`` packed keys to (scores, ids) padded to ``(B, k)``; zero scores become empty slots."""
+    scores = (keys >> 32).to(torch.int32).view(torch.float32)
+    docs = _ID_MASK - (keys & _ID_MASK)
+    empty = scores == 0
+    return pad_topk(scores.masked_fill(empty, float("-inf")), docs.masked_fill(empty, -1), k)
+
+
+_ID_MASK = (1 << 32) - 1
+_MAX_RUNS = 64  # runs per program of the run-maxima kernel
 _KERNELS: dict[str, object] = {}
 
 
-def _scatter_kernel():
-    """The Triton scatter kernel, compiled on first use (Triton is imported only here)."""
-    if "scatter" not in _KERNELS:
-        _KERNELS["scatter"] = _define_scatter_kernel()
-    return _KERNELS["scatter"]
+def _kernels():
+    """The Triton kernels, compiled on first use (Triton is imported only here)."""
+    if "kernels" not in _KERNELS:
+        _KERNELS["kernels"] = _define_kernels()
+    return _KERNELS["kernels"]
 
 
-def _define_scatter_kernel():
+def _define_kernels():
     try:
         import triton
         import triton.language as tl
@@ -454,23 +584,47 @@ def _define_scatter_kernel():
         raise ImportError("the sparse top-k kernel needs Triton: pip install 'sparrow-rec[kernels]'") from err
 
     @triton.jit
-    def scatter(acc, width, lo, rows, qw, start, end, doc_ids, weights, split, BLOCK: tl.constexpr):
-        """Program (pair, part): acc[row, doc - lo] += q * w over part's slices of the pair's segment."""
+    def scatter(
+        acc,
+        width,
+        lo,
+        rows,
+        qw,
+        terms,
+        n_pairs,
+        block_ptr,
+        n_cols,
+        first_block,
+        doc_ids,
+        weights,
+        BLOCK: tl.constexpr,
+    ):
+        """Program (pair, block): acc[row, doc - lo] += q * w over the pair's postings in that block.
+
+        Pairs at or past ``n_pairs[0]`` are padding: their programs do nothing.
+        """
         pair = tl.program_id(0)
-        part = tl.program_id(1)
-        row = tl.load(rows + pair)
+        ptr = block_ptr + tl.load(terms + pair) * n_cols + first_block + tl.program_id(1)
+        first = tl.load(ptr)
+        last = tl.where(pair < tl.load(n_pairs), tl.load(ptr + 1), first)
         q = tl.load(qw + pair)
-        first = tl.load(start + pair)
-        last = tl.load(end + pair)
-        out = acc + row * width - lo
-        for off in range(first + part * BLOCK, last, split * BLOCK):
+        out = acc + tl.load(rows + pair) * width - lo
+        for off in range(first, last, BLOCK):
             idx = off + tl.arange(0, BLOCK)
             live = idx < last
             doc = tl.load(doc_ids + idx, mask=live, other=0).to(tl.int64)
             wt = tl.load(weights + idx, mask=live, other=0.0).to(tl.float32)
             tl.atomic_add(out + doc, q * wt, mask=live, sem="relaxed")
 
-    return scatter
+    @triton.jit
+    def run_max(acc, maxima, n_runs, RUN: tl.constexpr, RUNS: tl.constexpr):
+        """Program p: maxima[r] = max(acc[r * RUN : (r + 1) * RUN]) for its RUNS runs."""
+        r = tl.program_id(0).to(tl.int64) * RUNS + tl.arange(0, RUNS)
+        live = r < n_runs
+        x = tl.load(acc + r[:, None] * RUN + tl.arange(0, RUN)[None, :], mask=live[:, None], other=0.0)
+        tl.store(maxima + r, tl.max(x, axis=1), mask=live)
+
+    return SimpleNamespace(scatter=scatter, run_max=run_max)
 
 
 def sparse_topk(

@@ -22,6 +22,12 @@ from retrieval.types import ItemSets
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
+DEVICE = "cuda" if CUDA else "cpu"  # without CUDA the kernel runs in the interpreter
+
+
+def on_cpu(result: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.cpu() for t in result)
+
 
 def make_inputs(
     n_users: int, n_items: int, dim: int, ties: bool, seed: int, excl_per_user: int = 3
@@ -168,8 +174,7 @@ def test_large_k_needs_the_reference():
 )
 def test_triton_matches_reference(n_users, n_items, dim, k, splits, ties):
     q, e, excl = make_inputs(n_users, n_items, dim, ties, seed=n_items, excl_per_user=4)
-    device = "cuda" if CUDA else "cpu"
-    q, e = q.to(device), e.to(device)
+    q, e = q.to(DEVICE), e.to(DEVICE)
     got = dense_topk_triton(q, e, k, excl, block_q=16, block_n=32, splits=splits)
     want = dense_topk_reference(q, e, k, excl, item_chunk=17)
     assert_same_topk(
@@ -184,9 +189,11 @@ def test_triton_dense_exclusions_and_no_exclusions():
     items = torch.cat([torch.arange(64), torch.arange(10, 30), torch.tensor([63])])
     excl = ItemSets.from_pairs(users, items, 16, 64)
     for exclude in (excl, None):
-        got = dense_topk_triton(q, e, 6, exclude, block_q=16, block_n=32, splits=2)
+        got = on_cpu(
+            dense_topk_triton(q.to(DEVICE), e.to(DEVICE), 6, exclude, block_q=16, block_n=32, splits=2)
+        )
         assert_same_topk(got, brute_force(q, e, 6, exclude), q, e)
-    assert dense_topk_triton(q, e, 6, excl, block_q=16, block_n=32)[1][0].eq(-1).all()
+    assert dense_topk_triton(q.to(DEVICE), e.to(DEVICE), 6, excl, block_q=16, block_n=32)[1][0].eq(-1).all()
 
 
 def test_triton_users_and_half_precision():
@@ -194,7 +201,11 @@ def test_triton_users_and_half_precision():
     q, e, excl = make_inputs(12, 48, 16, ties=False, seed=9, excl_per_user=6)
     users = torch.tensor([11, 0, 5, 5, 3])
     q16, e16 = q[users].half(), e.half()
-    got = dense_topk_triton(q16, e16, 4, excl, users=users, block_q=16, block_n=16)
+    got = on_cpu(
+        dense_topk_triton(
+            q16.to(DEVICE), e16.to(DEVICE), 4, excl, users=users.to(DEVICE), block_q=16, block_n=16
+        )
+    )
     want = dense_topk_reference(q16, e16, 4, excl, users=users)
     assert_same_topk(got, want, q16, e16, atol=1e-3)
 

@@ -18,30 +18,35 @@ from retrieval.kernels.sparse_topk import (
 )
 
 CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # without CUDA the kernels run in the interpreter
 
 
-def collection(n_docs: int, vocab: int, density: float, seed: int, integer: bool = False) -> torch.Tensor:
+def collection(
+    n_docs: int, vocab: int, density: float, seed: int, integer: bool = False, device: str = "cpu"
+) -> torch.Tensor:
     """(N, V) dense non-negative document weights with a Zipf-like term skew; integer ones tie a lot."""
-    g = torch.Generator().manual_seed(seed)
-    skew = 1.0 / torch.arange(1, vocab + 1) ** 0.8  # (V,) common terms first
+    g = torch.Generator(device).manual_seed(seed)
+    skew = 1.0 / torch.arange(1, vocab + 1, device=device) ** 0.8  # (V,) common terms first
     p = (density * vocab * skew / skew.sum()).clamp(max=1.0)
-    active = torch.rand(n_docs, vocab, generator=g) < p
+    active = torch.rand(n_docs, vocab, generator=g, device=device) < p
     w = (
-        torch.randint(1, 4, (n_docs, vocab), generator=g).float()
+        torch.randint(1, 4, (n_docs, vocab), generator=g, device=device).float()
         if integer
-        else torch.rand(n_docs, vocab, generator=g)
+        else torch.rand(n_docs, vocab, generator=g, device=device)
     )
     return active * w
 
 
-def queries(n: int, vocab: int, terms: int, seed: int, integer: bool = False) -> torch.Tensor:
+def queries(
+    n: int, vocab: int, terms: int, seed: int, integer: bool = False, device: str = "cpu"
+) -> torch.Tensor:
     """(n, V) dense query weights with about ``terms`` non-zeros; row 0 is empty."""
-    g = torch.Generator().manual_seed(seed)
-    active = torch.rand(n, vocab, generator=g) < terms / vocab
+    g = torch.Generator(device).manual_seed(seed)
+    active = torch.rand(n, vocab, generator=g, device=device) < terms / vocab
     w = (
-        torch.randint(1, 3, (n, vocab), generator=g).float()
+        torch.randint(1, 3, (n, vocab), generator=g, device=device).float()
         if integer
-        else torch.rand(n, vocab, generator=g) * 3
+        else torch.rand(n, vocab, generator=g, device=device) * 3
     )
     q = active * w
     q[0] = 0
@@ -141,7 +146,7 @@ def test_bad_queries_are_refused_before_any_launch(query, k, message, monkeypatc
     def no_launch():
         raise AssertionError("a kernel was launched")
 
-    monkeypatch.setattr(st, "_scatter_kernel", no_launch)
+    monkeypatch.setattr(st, "_kernels", no_launch)
     for search in (sparse_topk_triton, sparse_topk_reference):
         with pytest.raises(ValueError, match=message):
             search(index, query, k)
@@ -163,7 +168,10 @@ def test_triton_kernel_matches_the_reference(n_docs, vocab, k, budget, integer) 
     q[1, vocab - 1] = 1.0  # a term no document may use: keep one rare term in the batch
     index = InvertedIndex.from_csr(docs.to_sparse_csr(), torch.float32, block_bits=6)
     want = sparse_topk_reference(index, q.to_sparse_csr(), k, budget_bytes=budget)
-    got = sparse_topk_triton(index, q.to_sparse_csr(), k, budget_bytes=budget, select_block=16, programs=16)
+    got = sparse_topk_triton(
+        index.to(DEVICE), q.to(DEVICE).to_sparse_csr(), k, budget_bytes=budget, select_block=16
+    )
+    got = tuple(t.cpu() for t in got)
     assert_same_up_to_ties(got, want, q, docs)
     assert (got[1][0] == -1).all() and (got[0][0] == float("-inf")).all()  # the empty query
 
@@ -184,16 +192,52 @@ def test_dispatch_uses_the_reference_on_cpu(monkeypatch) -> None:
     [
         (5_000, 2_000, 1, 7, 10),
         (50_000, 30_522, 32, 7, 100),
-        (200_000, 30_522, 256, 40, 1000),
+        (100_000, 8_000, 256, 40, 1000),
         (3_000, 500, 8, 5, 5000),
     ],
 )
 def test_kernel_on_gpu_matches_the_reference(dtype, n_docs, vocab, n_queries, terms, k) -> None:
-    docs = collection(n_docs, vocab, density=40 / vocab * 3, seed=n_docs).cuda()
-    q = queries(n_queries, vocab, terms, seed=k).cuda()
+    docs = collection(n_docs, vocab, density=40 / vocab * 3, seed=n_docs, device="cuda")
+    q = queries(n_queries, vocab, terms, seed=k, device="cuda")
     index = InvertedIndex.from_csr(docs.to_sparse_csr(), dtype).to("cuda")
     want = sparse_topk_reference(index, q.to_sparse_csr(), k)
     got = sparse_topk_triton(index, q.to_sparse_csr(), k, budget_bytes=1 << 26)  # several waves
     # the index holds rounded weights: compare against the documents as stored
     stored = docs.to(dtype).float()
     assert_same_up_to_ties(got, want, q, stored, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_keys_order_by_score_then_id_and_drop_zeros() -> None:
+    scores = torch.tensor([[0.5, 2.0, 0.5, 0.0, 1e-30, 3.4e38]])
+    docs = torch.tensor([[7, 3, 2, 9, (1 << 32) - 1, 0]])
+    keys = st.pack_keys(scores, docs)
+    got_scores, got_docs = st.unpack_keys(keys.sort(dim=1, descending=True).values, 8)
+    assert got_docs.tolist() == [[0, 3, 2, 7, (1 << 32) - 1, -1, -1, -1]]
+    assert got_scores[0, :5].tolist() == [scores[0, 5].item(), 2.0, 0.5, 0.5, scores[0, 4].item()]
+    assert (got_scores[0, 5:] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("run", [4, 16])
+def test_run_maxima_kernel_is_the_run_maximum(run: int) -> None:
+    acc = torch.rand(3, run * 50, generator=torch.Generator().manual_seed(run))
+    acc[1] = 0
+    got = st.run_maxima(acc.to(DEVICE), run).cpu()
+    assert torch.equal(got, acc.view(3, -1, run).amax(2))
+
+
+def test_single_query_mode_matches_the_reference_for_any_query_length() -> None:
+    """Capacities are reused (a short query after a long one: stale padding must add nothing),
+    an empty query finds nothing, and a query past ``max_terms`` takes the batched path."""
+    vocab = 120
+    docs = collection(700, vocab, density=0.1, seed=11)
+    index = InvertedIndex.from_csr(docs.to_sparse_csr(), torch.float32, block_bits=6)
+    search = st.SingleQuerySearch(index.to(DEVICE), k=15, select_block=16, max_terms=32)
+    g = torch.Generator().manual_seed(12)
+    for n_terms in (20, 3, 0, 17, 60):
+        q = torch.zeros(1, vocab)
+        q[0, torch.randperm(vocab, generator=g)[:n_terms]] = torch.rand(n_terms, generator=g) + 0.1
+        got = tuple(t.cpu() for t in search(q.to(DEVICE).to_sparse_csr()))
+        assert_same_up_to_ties(got, sparse_topk_reference(index, q.to_sparse_csr(), 15), q, docs)
+    assert sorted(search._graphs) == [16, 32]
+    with pytest.raises(ValueError, match="one query"):
+        search(torch.ones(2, vocab))

@@ -153,7 +153,9 @@ def test_triton_values_and_gradients_equal_reference(dtype: torch.dtype, bias: b
 def test_triton_gradients_only_at_pooled_positions() -> None:
     hidden, weight, b, mask = make_inputs(2, 20, 16, 30, seed=7, dtype=torch.float32, device=DEVICE)
     params = leaves(hidden, weight, b)
-    (g_hidden, g_weight, g_bias) = grads(splade_head_triton(*params, mask), params, torch.ones(2, 30))
+    (g_hidden, g_weight, g_bias) = grads(
+        splade_head_triton(*params, mask), params, torch.ones(2, 30, device=DEVICE)
+    )
     assert (g_hidden[~mask] == 0).all() and (g_hidden[mask].abs().sum(-1) > 0).any()
     assert g_weight.abs().sum() > 0 and g_bias.abs().sum() > 0
     hidden64, weight64, b64, _ = make_inputs(2, 20, 16, 30, seed=7, device=DEVICE)
@@ -261,4 +263,4 @@ def test_cuda_splade_tiny_vectors_equal_reference(autocast: bool) -> None:
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-4, "atol": 1e-4}
     torch.testing.assert_close(got, expected, **tol)
     torch.testing.assert_close(got, plain, **tol)
-    assert ((got > 0).sum(dim=1) > 10).all()
+    assert ((got > 0).sum(dim=1) > 0).all()  # every text, even "x", has terms
