@@ -57,19 +57,41 @@ def check_model_config(cfg: DictConfig) -> None:
 
 def protocol_of(cfg: DictConfig) -> dict[str, object]:
     """The evaluation protocol in words, for the report."""
-    splitter = cfg.data.splitter
-    split_args = {k: v for k, v in splitter.items() if not k.startswith("_")}
     compat = list(cfg.evaluator.get("compat", []))
+    data = _mnar_protocol(cfg.data) if "propensity" in cfg.data else _split_protocol(cfg.data)
     return {
         "dataset": cfg.data.dataset,
-        "filters": [f["_target_"].rsplit(".", 1)[-1] for f in cfg.data.get("filters", [])] or "none",
-        "split": f"{splitter._target_.rsplit('.', 1)[-1]} {split_args}",
-        "candidates": "all items minus the user's training items (and validation items at test)",
+        **data,
         "metrics": "binary relevance; DCG = sum rel/log2(rank+1); IDCG over min(K, |T_u|); "
         "Recall = hits/|T_u|; users with |T_u| > 0; ties by item id",
         "compatibility modes": compat or "none",
         "model selection": _selection_rule(cfg.callbacks.model_checkpoint.monitor),
         "seed": cfg.seed,
+    }
+
+
+def _args(node: DictConfig) -> str:
+    return (
+        f"{node._target_.rsplit('.', 1)[-1]} { ({k: v for k, v in node.items() if not k.startswith('_')}) }"
+    )
+
+
+def _split_protocol(data: DictConfig) -> dict[str, object]:
+    return {
+        "filters": [f["_target_"].rsplit(".", 1)[-1] for f in data.get("filters", [])] or "none",
+        "split": _args(data.splitter),
+        "candidates": "all items minus the user's training items (and validation items at test)",
+    }
+
+
+def _mnar_protocol(data: DictConfig) -> dict[str, object]:
+    return {
+        "split": f"train on the MNAR ratings (clicks: rating >= {data.threshold}); each user's MAR items "
+        f"split {data.val_fraction:g} validation / rest test (seed {data.seed}); pairs in both parts: "
+        f"{data.overlap}",
+        "training": f"{data.training}; propensity {_args(data.propensity)}",
+        "candidates": "full ranking: all items minus the user's MNAR-rated items (and validation MAR items "
+        "at test); mar/: the user's MAR items of the stage only",
     }
 
 

@@ -48,6 +48,11 @@ def item_sets(df: pl.DataFrame, num_users: int, num_items: int) -> ItemSets:
     return ItemSets.from_pairs(users, items, num_users, num_items)
 
 
+def _only_full_ranking(protocol: str) -> None:
+    if protocol:
+        raise ValueError(f"this datamodule has one evaluation protocol (full ranking), not {protocol!r}")
+
+
 class InteractionDataModule(L.LightningDataModule):
     """Interactions → filters → split → BPR training triples and full-sort evaluation users.
 
@@ -135,12 +140,16 @@ class InteractionDataModule(L.LightningDataModule):
                 f"set data.{key}={found}"
             )
 
-    def targets(self, stage: str) -> ItemSets:
-        """Ground truth of ``stage`` ("val" or "test")."""
+    batch_kind = "pairwise"  # what train_dataloader yields (see recsys.lit.evaluation.check_batches)
+
+    def targets(self, stage: str, protocol: str = "") -> ItemSets:
+        """Ground truth of ``stage`` ("val" or "test"); one protocol, full ranking (``""``)."""
+        _only_full_ranking(protocol)
         return {"val": self.val_sets, "test": self.test_sets}[stage]
 
-    def exclude(self, stage: str) -> ItemSets:
+    def exclude(self, stage: str, protocol: str = "") -> ItemSets:
         """Items never ranked at ``stage``: training items, plus validation items at test."""
+        _only_full_ranking(protocol)
         return self._exclude[stage]
 
     def train_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:

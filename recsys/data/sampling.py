@@ -168,3 +168,58 @@ class UserBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         for start in range(0, self.users.numel(), self.batch_size):
             yield {"users": self.users[start : start + self.batch_size]}
+
+
+class PointwiseBatches(IterableDataset):
+    """Every (user, item) pair once per epoch, shuffled, with its click and propensity.
+
+    For pointwise estimators over the whole matrix (:mod:`recsys.models.relmf`): unclicked
+    pairs are part of the loss. Epoch ``e``'s order comes from a generator seeded with
+    ``seed + e`` (resumable, as :class:`PairwiseBatches`). Meant for catalogues whose full
+    matrix fits in memory (Coat: 87,000 pairs; ML-100K: 1.6M).
+
+    Args:
+        clicks: the clicked (positive) training pairs.
+        propensity: (num_users, num_items) or (num_items,) propensities of every pair.
+        batch_size: pairs per batch.
+        seed: base seed.
+        epoch_fn: returns the current epoch.
+        device: where the batches are built and yielded.
+    """
+
+    def __init__(
+        self,
+        clicks: ItemSets,
+        propensity: Tensor,
+        batch_size: int,
+        seed: int,
+        epoch_fn: Callable[[], int],
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__()
+        self.device = torch.device(device)
+        self.num_users, self.num_items = clicks.num_users, clicks.num_items
+        n = self.num_users * self.num_items
+        clicks = clicks.to("cpu")
+        users, items = clicks.row_ids(), clicks.indices
+        dense = torch.zeros(n)
+        dense[users * self.num_items + items] = 1.0
+        self.clicks = dense.to(self.device)  # (U * I,) 0/1
+        table = propensity if propensity.dim() == 2 else propensity.expand(self.num_users, -1)
+        self.propensity = table.reshape(-1).to(self.device)  # (U * I,)
+        self.batch_size, self.seed, self.epoch_fn = batch_size, seed, epoch_fn
+
+    def __len__(self) -> int:
+        return -(-self.clicks.numel() // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch_fn())
+        order = torch.randperm(self.clicks.numel(), generator=gen, device=self.device)  # (U * I,)
+        for start in range(0, order.numel(), self.batch_size):
+            pair = order[start : start + self.batch_size]
+            yield {
+                "users": pair // self.num_items,
+                "items": pair % self.num_items,
+                "clicks": self.clicks[pair],
+                "propensity": self.propensity[pair],
+            }

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from recsys.lit.cuda_graph import GraphedStep
+from recsys.lit.evaluation import EvaluatedRecommender
 from recsys.losses import bpr_loss, l2_penalty
 from retrieval.eval.topk_evaluator import TopKEvaluator
-from retrieval.types import ItemSets
 
 
-class PairwiseRecommender(L.LightningModule):
+class PairwiseRecommender(EvaluatedRecommender):
     """Trains ``net`` on (user, positive, negatives) triples; evaluates by full sort.
 
     The recipe: loss = BPR(pos, neg) + ``l2_weight`` · L2(batch ego embeddings);
@@ -35,6 +33,7 @@ class PairwiseRecommender(L.LightningModule):
         net: the recommender (a plain ``nn.Module``).
         optimizer: partial of a torch optimizer, called with the parameters.
         evaluator: the shared top-K evaluator.
+        extra_evaluators: protocol name -> evaluator (:class:`~recsys.lit.evaluation.EvaluatedRecommender`).
         l2_weight: coefficient of the L2 penalty on the batch's embedding rows.
         scheduler: optional partial of a LR scheduler, called with the optimizer.
         compile: ``torch.compile`` the net in place (``nn.Module.compile``: state-dict keys and
@@ -50,26 +49,29 @@ class PairwiseRecommender(L.LightningModule):
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         evaluator: TopKEvaluator,
+        extra_evaluators: Mapping[str, TopKEvaluator] | None = None,
         l2_weight: float = 0.0,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         compile: bool = False,
         cuda_graph: bool = False,
     ):
-        super().__init__()
+        super().__init__(evaluator, extra_evaluators)
         if cuda_graph and scheduler is not None:
             raise ValueError("cuda_graph=true cannot follow a learning-rate scheduler: set one or the other")
         # partials stay out of the checkpoint: it must load with torch.load(weights_only=True)
-        self.save_hyperparameters(logger=False, ignore=["net", "evaluator", "optimizer", "scheduler"])
+        self.save_hyperparameters(
+            logger=False, ignore=["net", "evaluator", "extra_evaluators", "optimizer", "scheduler"]
+        )
         self.net = net
-        self.evaluator = evaluator
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.automatic_optimization = False
-        self._per_user: dict[str, list[Tensor]] = defaultdict(list)
-        self._eval_sets: dict[str, tuple[ItemSets, ItemSets]] = {}  # stage -> (targets, exclude) on device
         self._graphed: GraphedStep | None = None
+
+    batch_kind = "pairwise"
 
     def setup(self, stage: str) -> None:
         """Hand graph models their training graph (nets that define ``set_graph``); compile."""
+        self.check_batches(stage)
         dm = self.trainer.datamodule
         if hasattr(self.net, "set_graph") and dm is not None:
             self.net.set_graph(*dm.train_pairs())
@@ -137,64 +139,6 @@ class PairwiseRecommender(L.LightningModule):
         u_emb, i_emb = self.net.ego_embeddings(users, items)
         reg = l2_penalty(u_emb, i_emb)
         return rank_loss + self.hparams.l2_weight * reg
-
-    def _accumulate_loss(self, loss: Tensor, batch_size: int, batch_idx: int) -> None:
-        """Sum the epoch's loss on the device and log its mean once, at the epoch's last batch.
-
-        ``self.log`` on every step costs more host time than a whole LightGCN step on a GPU;
-        this keeps the per-step cost to one in-place add.
-        """
-        if batch_idx == 0:
-            self._loss_sum, self._seen = torch.zeros((), device=loss.device), 0
-        self._loss_sum += loss * batch_size
-        self._seen += batch_size
-        if batch_idx == self.trainer.num_training_batches - 1:
-            self.log("train/loss", self._loss_sum / self._seen, on_step=False, on_epoch=True, prog_bar=True)
-
-    def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        targets, exclude = self._sets_on_device(stage)
-        embeddings = self.net.embeddings() if hasattr(self.net, "embeddings") else None
-        result = self.evaluator.per_user(
-            self.net.score_all,
-            targets,
-            exclude,
-            device=self.device,
-            users=batch["users"],
-            embeddings=embeddings,
-        )
-        for name, values in result.metrics.items():
-            self._per_user[name].append(values.detach().cpu())
-
-    def _sets_on_device(self, stage: str) -> tuple[ItemSets, ItemSets]:
-        """The stage's (targets, exclude) on ``self.device``: moved at its first batch, then reused.
-
-        The evaluator then finds them where the scores are and moves nothing per batch; the cache is
-        dropped at the end of each validation/test epoch.
-        """
-        if stage not in self._eval_sets:
-            dm = self.trainer.datamodule
-            self._eval_sets[stage] = (dm.targets(stage).to(self.device), dm.exclude(stage).to(self.device))
-        return self._eval_sets[stage]
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        self._eval_sets.pop(stage, None)
-        metrics = {f"{stage}/{k}": torch.cat(v).double().mean().item() for k, v in self._per_user.items()}
-        self._per_user.clear()
-        headline = {k: v for k, v in metrics.items() if k.endswith("/ndcg@10")}
-        self.log_dict(headline, prog_bar=True)
-        self.log_dict({k: v for k, v in metrics.items() if k not in headline})
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())

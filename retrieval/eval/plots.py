@@ -59,7 +59,7 @@ def metrics_at_k(metrics: Mapping[str, float], title: str = "") -> bytes | None:
 
     Args:
         metrics: flat ``{"test/ndcg@10": 0.3, "test/ndcg@20": 0.33, ...}``; keys without ``@K``
-            are left out.
+            are left out; a protocol segment stays in the family (``test/mar/dcg@5``: ``mar/dcg``).
         title: figure title.
 
     Returns:
@@ -67,7 +67,7 @@ def metrics_at_k(metrics: Mapping[str, float], title: str = "") -> bytes | None:
     """
     families: dict[str, list[tuple[int, float]]] = {}
     for key, value in metrics.items():
-        m = re.fullmatch(r"(?:.*/)?(.+)@(\d+)", key)
+        m = re.fullmatch(r"(?:[^/]+/)?(.+)@(\d+)", key)  # "test/mar/dcg@5": family "mar/dcg"
         if m:
             families.setdefault(m.group(1), []).append((int(m.group(2)), float(value)))
     if not families:

@@ -20,6 +20,8 @@ Sparrow's convention (``STYLE.md``; RecBole's, and ``torch_geometric.metrics``' 
     \mathrm{MAP@}K &= \frac{\sum_{p \le K} \mathrm{P@}p \cdot rel_p}{\min(K, |T_u|)}
     \quad \text{(RecBole's normalisation)}
 
+``"dcg"`` (DCG@K itself, unnormalised) is available on request, not in the default set.
+
 Every function gives the same bits on the CPU and on a GPU: running sums are added left to right
 (the CPU's order) and the ``log2`` discounts are computed on the CPU.
 
@@ -56,7 +58,8 @@ import torch
 
 Tensor = torch.Tensor
 
-METRICS = ("ndcg", "recall", "precision", "mrr", "hit", "map")
+METRICS = ("ndcg", "recall", "precision", "mrr", "hit", "map")  # the default set
+EXTRA_METRICS = ("dcg",)  # on request: unnormalised DCG@K (the Rel-MF paper's Coat protocol)
 COMPAT = {"ndcg_ideal_from_retrieved": "ndcg_ngcf", "recall_min_k": "recall_mink"}  # mode -> report name
 
 
@@ -142,6 +145,16 @@ def ndcg(hits: Tensor, n_true: Tensor) -> Tensor:
     return _safe_div(_dcg(hits), _idcg(_min_k(n_true, hits.shape[1]), hits.shape[1]))
 
 
+def dcg(hits: Tensor, n_true: Tensor | None = None) -> Tensor:
+    """DCG@k for k = 1..K, not normalised (Saito et al., WSDM 2020, report it on Coat and Yahoo! R3).
+
+    Returns:
+        (U, K) float64.
+    """
+    hits, _ = _check(hits, n_true)
+    return _dcg(hits)
+
+
 def ndcg_ideal_from_retrieved(hits: Tensor, n_true: Tensor | None = None) -> Tensor:
     """NGCF/LLMRec's NDCG@k: the ideal DCG comes from the retrieved list's own hits.
 
@@ -206,6 +219,7 @@ METRIC_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "mrr": mrr,
     "hit": hit,
     "map": map_,
+    "dcg": dcg,
     "ndcg_ngcf": ndcg_ideal_from_retrieved,
     "recall_mink": recall_min_k,
 }
@@ -215,8 +229,8 @@ def metric_names(metrics: Iterable[str] = METRICS, compat: Iterable[str] = ()) -
     """Report names (without ``@k``) for ``metrics`` plus the compatibility modes ``compat``."""
     metrics, compat = list(metrics), list(compat)
     for m in metrics:
-        if m not in METRICS:
-            raise ValueError(f"unknown metric {m!r}; choose from {METRICS}")
+        if m not in METRICS + EXTRA_METRICS:
+            raise ValueError(f"unknown metric {m!r}; choose from {METRICS + EXTRA_METRICS}")
     for c in compat:
         if c not in COMPAT:
             raise ValueError(f"unknown compatibility mode {c!r}; choose from {tuple(COMPAT)}")

@@ -43,24 +43,30 @@ def _column_key(name: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (name, 0)
 
 
+def _without_stage(key: str) -> str:
+    """``"val/mar/dcg@5"`` -> ``"mar/dcg@5"``; ``"ndcg@10"`` stays."""
+    return key.split("/", 1)[1] if "/" in key else key
+
+
 def metrics_table(metrics: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:
     """A Markdown table: one row per stage, one column per metric (``ndcg@10``, ``mrr``, ...).
 
     Args:
-        metrics: ``{stage: {"val/ndcg@10": 0.31, ...}}``; stage prefixes in keys are dropped;
-            counts such as ``num_users`` are left out.
+        metrics: ``{stage: {"val/ndcg@10": 0.31, ...}}``; stage prefixes in keys are dropped (a
+            protocol segment stays: ``val/mar/dcg@5`` is column ``mar/dcg@5``); counts such as
+            ``num_users`` are left out.
         digits: decimals shown.
     """
     columns: list[str] = []
     for values in metrics.values():
         for key in values:
-            name = key.split("/")[-1]
-            if name not in columns and not name.startswith("num_"):
+            name = _without_stage(key)
+            if name not in columns and not name.split("/")[-1].startswith("num_"):
                 columns.append(name)
     columns.sort(key=_column_key)
     lines = ["| stage | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for stage, values in metrics.items():
-        flat = {k.split("/")[-1]: v for k, v in values.items()}
+        flat = {_without_stage(k): v for k, v in values.items()}
         cells = [f"{flat[c]:.{digits}f}" if c in flat else "" for c in columns]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -31,15 +31,23 @@ def test_experiment_composes(experiment: str, tmp_path: Path) -> None:
     assert cfg.model.net.num_items == cfg.data.num_items
 
 
+DATA_FOR = {"relmf": "coat"}  # pointwise models need a datamodule with pointwise batches
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_model_config_trains_a_few_epochs(model: str, shared_data: Path, tmp_path: Path) -> None:
-    cfg = _compose(tmp_path, [f"model={model}", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"])
+    data = DATA_FOR.get(model, "ml100k")
+    cfg = _compose(
+        tmp_path,
+        [f"model={model}", f"data={data}", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"],
+    )
     metrics = run(cfg)
     for stage in ("val", "test"):
         for key in ("ndcg@10", "recall@10", "ndcg@20", "recall@20"):
             assert 0.0 < metrics[stage][f"{stage}/{key}"] <= 1.0
     report = (tmp_path / "report.md").read_text()
-    assert "ndcg@10" in report and "random_split" in report
+    split = {"coat": "MAR items split"}.get(data, "random_split")  # how each data config's split is reported
+    assert "ndcg@10" in report and split in report
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"]["test"]["test/ndcg@10"] == metrics["test"]["test/ndcg@10"]
 
@@ -310,3 +318,30 @@ def test_fixed_budget_without_validation_tests_the_last_epoch(shared_data: Path,
     assert 0.0 < metrics["test"]["test/recall@20"] <= 1.0
     report = (tmp_path / "report.md").read_text()
     assert "none (fixed budget)" in report and "selected epoch (0-based)**: 1" in report
+
+
+def test_relmf_coat_reports_both_protocols(shared_data: Path, tmp_path: Path) -> None:
+    cfg = _compose(
+        tmp_path, ["+experiment=relmf_coat", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
+    )
+    metrics = run(cfg)
+    for stage in ("val", "test"):
+        for key in ("mar/dcg@1", "mar/dcg@5", "mar/map@5", "mar/recall@5", "ndcg@5", "recall@10"):
+            assert metrics[stage][f"{stage}/{key}"] > 0.0, key
+        assert (
+            metrics[stage][f"{stage}/mar/recall@5"] > metrics[stage][f"{stage}/recall@5"]
+        )  # 8 candidates vs 300
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        "mar/dcg@5"
+        in report.splitlines()[
+            [i for i, line in enumerate(report.splitlines()) if line.startswith("| stage")][0]
+        ]
+    )
+    assert "propensity popularity" in report and "best val/mar/dcg@5 on validation" in report
+
+
+def test_a_pointwise_model_on_pairwise_batches_is_refused(shared_data: Path, tmp_path: Path) -> None:
+    cfg = _compose(tmp_path, ["model=relmf", "data=coat", "data.training=pairwise", "trainer.max_epochs=1"])
+    with pytest.raises(ValueError, match="PointwiseRecommender trains on pointwise batches"):
+        run(cfg)

@@ -31,13 +31,13 @@ class _CountingData(L.LightningDataModule):
         self.sets = {"val": (_sets(60, 1), _sets(300, 2)), "test": (_sets(60, 3), _sets(300, 4))}
         self.calls: Counter[tuple[str, str]] = Counter()
 
-    def targets(self, stage: str) -> ItemSets:
-        self.calls["targets", stage] += 1
+    def targets(self, stage: str, protocol: str = "") -> ItemSets:
+        self.calls["targets", stage + protocol] += 1
         return self.sets[stage][0]
 
-    def exclude(self, stage: str) -> ItemSets:
-        self.calls["exclude", stage] += 1
-        return self.sets[stage][1]
+    def exclude(self, stage: str, protocol: str = "") -> ItemSets:
+        self.calls["exclude", stage + protocol] += 1
+        return self.sets[stage][1] if not protocol else _sets(400, 5)
 
     def _loader(self) -> DataLoader:
         return DataLoader([{"users": users} for users in torch.arange(U).split(8)], batch_size=None)
@@ -66,3 +66,35 @@ def test_sets_are_fetched_once_per_epoch_and_metrics_are_the_evaluators(stage):
         assert set(out) == set(expected) - {f"{stage}/num_users"}
         for name, value in out.items():
             assert value == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_extra_protocols_are_logged_under_their_names():
+    """An extra evaluator ranks with the datamodule's sets of its protocol, once per epoch."""
+    torch.manual_seed(0)
+    main, extra = TopKEvaluator(ks=(5,), metrics=["ndcg"]), TopKEvaluator(ks=(1, 3), metrics=["dcg", "map"])
+    module = PairwiseRecommender(
+        BPRMF(U, N, embedding_dim=8), torch.optim.Adam, main, extra_evaluators={"mar": extra}
+    )
+    data = _CountingData()
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    out = trainer.validate(module, datamodule=data)[0]
+    assert data.calls == {
+        ("targets", "val"): 1,
+        ("exclude", "val"): 1,
+        ("targets", "valmar"): 1,
+        ("exclude", "valmar"): 1,
+    }
+    expected = extra(module.net.score_all, data.sets["val"][0], _sets(400, 5), prefix="val/mar/")
+    assert {k for k in out if k.startswith("val/mar/")} == {
+        "val/mar/dcg@1",
+        "val/mar/dcg@3",
+        "val/mar/map@1",
+        "val/mar/map@3",
+    }
+    for name in ("val/mar/dcg@3", "val/mar/map@1"):
+        assert out[name] == pytest.approx(expected[name], abs=1e-6)
+    assert out["val/ndcg@5"] == pytest.approx(
+        main(module.net.score_all, *data.sets["val"], prefix="val/")["val/ndcg@5"], abs=1e-6
+    )

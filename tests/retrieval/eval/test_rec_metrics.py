@@ -206,3 +206,11 @@ def test_cuda_metrics_are_the_cpu_metrics_bit_for_bit():
     for name, values in cpu.items():
         assert gpu[name].is_cuda and gpu[name].dtype == torch.float64
         assert torch.equal(gpu[name].cpu(), values), name
+
+
+def test_dcg_on_request_is_the_unnormalised_sum():
+    hits = torch.tensor([[False, True, True], [True, False, False]])
+    got = rm.compute_metrics(hits, torch.tensor([2, 5]), [1, 3], metrics=["dcg", "ndcg"])
+    torch.testing.assert_close(got["dcg@3"], torch.tensor([1 / math.log2(3) + 0.5, 1.0], dtype=torch.float64))
+    assert got["dcg@1"].tolist() == [0.0, 1.0]
+    assert "dcg" not in rm.METRICS  # not in the default set

@@ -19,6 +19,14 @@ def test_metrics_table_orders_columns_and_drops_prefixes() -> None:
     assert lines[3] == "| test |  | 0.2000 | 0.3000 |  |"
 
 
+def test_metrics_table_keeps_protocol_segments_apart() -> None:
+    """Two protocols may share a metric name: ``val/recall@5`` and ``val/mar/recall@5`` are two columns."""
+    table = metrics_table({"val": {"val/recall@5": 0.1, "val/mar/recall@5": 0.7, "val/mar/num_users": 3.0}})
+    lines = table.splitlines()
+    assert lines[0] == "| stage | mar/recall@5 | recall@5 |"
+    assert lines[2] == "| val | 0.7000 | 0.1000 |"
+
+
 def test_write_report_writes_both_files(tmp_path: Path) -> None:
     metrics = {"val": {"val/ndcg@10": 0.1}, "test": {"test/ndcg@10": 0.2}}
     report = write_report(tmp_path, "exp", metrics, {"dataset": "d"}, {"fit": 1.5}, "a: 1\n")
