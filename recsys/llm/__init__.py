@@ -1,0 +1,1 @@
+"""LLM providers for LLM-derived side information (LLMRec), behind one small interface, cached on disk."""
