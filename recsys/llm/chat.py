@@ -141,3 +141,59 @@ def _answer(payload: dict, url: str) -> Answer:
         raise ChatError(f"{url}: no choices[0].message.content in the response") from err
     usage = payload.get("usage") or {}
     return Answer(str(text), int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+
+
+class HuggingFaceChat:
+    """A local causal LM through transformers (any ``AutoModelForCausalLM``, by name or path).
+
+    Greedy decoding by default. Messages go through the tokenizer's chat template when it has
+    one, else as ``role: content`` lines ending with ``assistant:``. Local models cost nothing.
+
+    Args:
+        model: Hugging Face name or local folder.
+        max_new_tokens: generated tokens per answer at most (``max_tokens`` to :mod:`recsys.llm.ask`).
+        temperature: 0 = greedy; otherwise sampled.
+        device: torch device (default: CUDA when available).
+    """
+
+    name = "hf-local"
+    prices = (0.0, 0.0)
+
+    def __init__(
+        self, model: str, max_new_tokens: int = 256, temperature: float = 0.0, device: str | None = None
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model, self.max_tokens, self.temperature = str(model), max_new_tokens, temperature
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.lm = AutoModelForCausalLM.from_pretrained(model).to(self.device).eval()
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return 0.0
+
+    def _prompt_ids(self, messages: list[dict[str, str]]):
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt"
+            )
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+    def chat(self, messages: list[dict[str, str]]) -> Answer:
+        import torch
+
+        ids = self._prompt_ids(messages).to(self.device)  # (1, L)
+        sample = self.temperature > 0
+        with torch.inference_mode():
+            out = self.lm.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=self.max_tokens,
+                do_sample=sample,
+                temperature=self.temperature if sample else None,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0,
+            )
+        new = out[0, ids.shape[1] :]
+        return Answer(self.tokenizer.decode(new, skip_special_tokens=True), ids.shape[1], int(new.numel()))

@@ -146,3 +146,22 @@ def test_unreachable_server_and_refusals_raise_chat_error() -> None:
 def test_parse_json_accepts_fenced_replies() -> None:
     assert parse_json('```json\n{"a": 1}\n```') == {"a": 1}
     assert parse_json(" [1, 2] ") == [1, 2]
+
+
+def test_a_local_causal_lm_answers_and_its_gibberish_is_counted(tmp_path: Path) -> None:
+    """A tiny random GPT-2 (built here, with splade-tiny's word-piece tokenizer) through HuggingFaceChat."""
+    transformers = pytest.importorskip("transformers")
+    from recsys.llm.chat import HuggingFaceChat
+    from tests.retrieval.helpers import SPLADE_TINY
+
+    if not SPLADE_TINY.is_dir():
+        pytest.skip(f"no tokenizer at {SPLADE_TINY}")
+    transformers.set_seed(0)
+    config = transformers.GPT2Config(vocab_size=30522, n_positions=256, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "lm")
+    transformers.AutoTokenizer.from_pretrained(SPLADE_TINY).save_pretrained(tmp_path / "lm")
+    backend = HuggingFaceChat(str(tmp_path / "lm"), max_new_tokens=8, device="cpu")
+    answer = backend.chat([{"role": "user", "content": "Reply with JSON."}])
+    assert answer.prompt_tokens > 3 and 1 <= answer.completion_tokens <= 8 and backend.cost(10, 10) == 0.0
+    answers, usage = ask_json(backend, ["Reply with JSON."], AnswerCache(tmp_path / "c.jsonl"), "v1")
+    assert answers == [None] and usage.calls == 2 and usage.failures == Counter({"unparsable": 1})
