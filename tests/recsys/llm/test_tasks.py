@@ -115,3 +115,25 @@ def test_prompt_files_are_checked(tmp_path: Path) -> None:
     bad.write_text("version: 1\nitem_attributes: x\n")
     with pytest.raises(ValueError, match=r"missing \['pick_pair', 'user_profile'\]"):
         load_prompts(bad)
+
+
+def test_augment_writes_embeddings_pairs_and_fallbacks(catalogue: Catalogue, minilm, tmp_path: Path) -> None:
+    from recsys.llm.augment import Augmentation, augment
+
+    small = Catalogue(
+        catalogue.titles[:40], catalogue.genres[:40], catalogue.years[:40], catalogue.demographics[:4]
+    )
+    histories = [[0, 1, 2], [3, 4], [], [5, 6, 7]]
+    candidates = [[10, 11, 12], [13, 14], [15, 16], [17]]  # user 2: no profile; user 3: one candidate
+    aug = augment(OfflineProvider(minilm), small, histories, candidates, minilm)
+    assert aug.user_emb.shape == (4, 384) and aug.item_emb.shape == (40, 384)
+    assert aug.user_emb[2].abs().sum() == 0 and aug.user_emb[0].norm() == pytest.approx(1.0, abs=1e-4)
+    assert aug.pairs[:, 0].tolist() == [0, 1]
+    assert all(
+        p[1] in candidates[p[0]] and p[2] in candidates[p[0]] and p[1] != p[2] for p in aug.pairs.tolist()
+    )
+    assert aug.fallbacks["pick_pair"] == {"empty profile": 1, "fewer than 2 candidates": 1}
+    aug.save(tmp_path / "aug.pt")
+    back = Augmentation.load(tmp_path / "aug.pt")
+    assert torch.equal(back.pairs, aug.pairs) and back.provider.endswith("(not an LLM)")
+    assert not (tmp_path / "aug.pt.tmp").exists()

@@ -1,0 +1,102 @@
+"""Run a provider over a dataset once: LLMRec's side information, saved as one file.
+
+:func:`augment` asks a provider (:mod:`recsys.llm.tasks`) for every item's attributes, every
+user's profile and, per user, a (liked, disliked) pair among that user's candidates (the base
+recommender's top-K non-training items), embeds the texts (all-MiniLM-L6-v2 by default) and
+returns an :class:`Augmentation`; :meth:`Augmentation.save` writes it atomically (temp file,
+then rename). Unusable answers leave zero vectors / no pair, and ``fallbacks`` counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from recsys.llm.tasks import Catalogue
+
+log = logging.getLogger(__name__)
+
+Encode = Callable[[Sequence[str]], Tensor]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """LLMRec's side information for one dataset.
+
+    Attributes:
+        provider: the provider's name (the offline one says it is not an LLM).
+        user_emb: (U, d) float32 profile embeddings; zero rows where the profile fell back.
+        item_emb: (I, d) float32 attribute embeddings; zero rows where the attributes fell back.
+        pairs: (P, 3) int64 rows (user, liked item, disliked item).
+        fallbacks: task -> reason -> count of unusable answers.
+        user_text, item_text: the texts (``None`` where they fell back).
+    """
+
+    provider: str
+    user_emb: Tensor
+    item_emb: Tensor
+    pairs: Tensor
+    fallbacks: dict[str, dict[str, int]]
+    user_text: list[str | None]
+    item_text: list[str | None]
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` atomically (``torch.load(weights_only=True)`` reads it back)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.__dict__, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Augmentation:
+        return cls(**torch.load(path, weights_only=True))
+
+
+def _embed(texts: list[str | None], encode: Encode) -> Tensor:
+    live = [k for k, t in enumerate(texts) if t]
+    vectors = encode([texts[k] for k in live]) if live else torch.zeros(0, 1)
+    out = torch.zeros(len(texts), vectors.shape[1])
+    if live:
+        out[live] = vectors.float().cpu()
+    return out
+
+
+def augment(
+    provider,
+    catalogue: Catalogue,
+    histories: Sequence[Sequence[int]],
+    candidates: Sequence[Sequence[int]],
+    encode: Encode,
+) -> Augmentation:
+    """Ask ``provider`` about every item and user; pairs from each user's ``candidates``.
+
+    Args:
+        provider: :class:`~recsys.llm.tasks.LLMProvider` or :class:`~recsys.llm.tasks.OfflineProvider`.
+        catalogue: the dataset's texts.
+        histories: per user, the training items (in any order).
+        candidates: per user, the items the pair may come from (e.g. a base model's top-K).
+        encode: texts -> (n, d) vectors.
+    """
+    users = list(range(len(histories)))
+    item_text = provider.item_attributes(catalogue, list(range(len(catalogue.titles))))
+    user_text = provider.user_profiles(catalogue, users, histories)
+    picked = provider.pick_pairs(catalogue, users, histories, candidates)
+    rows = [(u, p[0], p[1]) for u, p in zip(users, picked, strict=True) if p is not None]
+    fallbacks = {task: dict(usage.failures) for task, usage in provider.usage.items()}
+    log.info("%s: %d pairs for %d users; fallbacks %s", provider.name, len(rows), len(users), fallbacks)
+    return Augmentation(
+        provider=provider.name,
+        user_emb=_embed(user_text, encode),
+        item_emb=_embed(item_text, encode),
+        pairs=torch.tensor(rows, dtype=torch.int64).reshape(-1, 3),
+        fallbacks=fallbacks,
+        user_text=user_text,
+        item_text=item_text,
+    )
