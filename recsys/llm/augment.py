@@ -74,8 +74,9 @@ def augment(
     histories: Sequence[Sequence[int]],
     candidates: Sequence[Sequence[int]],
     encode: Encode,
+    num_users: int | None = None,
 ) -> Augmentation:
-    """Ask ``provider`` about every item and user; pairs from each user's ``candidates``.
+    """Ask ``provider`` about every item and the users ``0..len(histories)-1``; pairs from their candidates.
 
     Args:
         provider: :class:`~recsys.llm.tasks.LLMProvider` or :class:`~recsys.llm.tasks.OfflineProvider`.
@@ -83,6 +84,7 @@ def augment(
         histories: per user, the training items (in any order).
         candidates: per user, the items the pair may come from (e.g. a base model's top-K).
         encode: texts -> (n, d) vectors.
+        num_users: rows of ``user_emb`` (users not asked about get zero rows); default: ``len(histories)``.
     """
     users = list(range(len(histories)))
     item_text = provider.item_attributes(catalogue, list(range(len(catalogue.titles))))
@@ -91,12 +93,21 @@ def augment(
     rows = [(u, p[0], p[1]) for u, p in zip(users, picked, strict=True) if p is not None]
     fallbacks = {task: dict(usage.failures) for task, usage in provider.usage.items()}
     log.info("%s: %d pairs for %d users; fallbacks %s", provider.name, len(rows), len(users), fallbacks)
+    extra = (num_users or len(users)) - len(users)
     return Augmentation(
         provider=provider.name,
-        user_emb=_embed(user_text, encode),
+        user_emb=_embed(user_text + [None] * extra, encode),
         item_emb=_embed(item_text, encode),
         pairs=torch.tensor(rows, dtype=torch.int64).reshape(-1, 3),
         fallbacks=fallbacks,
-        user_text=user_text,
+        user_text=user_text + [None] * extra,
         item_text=item_text,
     )
+
+
+def minilm_encoder(model: str | None = None, device: str | None = None) -> Encode:
+    """Texts -> (n, 384) unit vectors by all-MiniLM-L6-v2 (``retrieval.encoders.dense.DenseEncoder``)."""
+    from retrieval.encoders.dense import DenseEncoder
+
+    encoder = DenseEncoder(model, device=device)
+    return lambda texts: encoder.encode(list(texts), progress=False)

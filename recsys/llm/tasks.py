@@ -32,6 +32,7 @@ import yaml
 from recsys.data.tables import InteractionData
 from recsys.llm.ask import Usage, ask_json
 from recsys.llm.cache import AnswerCache
+from retrieval.cli import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,14 @@ def _demographics(row: dict) -> str:
 
 
 def load_prompts(path: str | Path) -> dict:
-    """The prompt file: ``version`` and the templates ``item_attributes``, ``user_profile``, ``pick_pair``."""
-    prompts = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    """The prompt file: ``version`` and the templates ``item_attributes``, ``user_profile``, ``pick_pair``.
+
+    A relative path that does not exist is read from the repository's ``conf/`` folder.
+    """
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = CONF_DIR / path
+    prompts = yaml.safe_load(path.read_text(encoding="utf-8"))
     missing = {"version", "item_attributes", "user_profile", "pick_pair"} - set(prompts or {})
     if missing:
         raise ValueError(f"{path}: missing {sorted(missing)}")
@@ -239,9 +246,9 @@ class OfflineProvider:
             cands = sorted(candidates[k])
             sims = torch.stack([item_vec[i] for i in cands]) @ user_vec[row]  # (c,)
             out[k] = (cands[int(sims.argmax())], cands[int(sims.argmin())])
-        usage.failures["fewer than 2 candidates"] += sum(
-            1 for k, p in enumerate(profiles) if p is not None and len(candidates[k]) < 2
-        )
+        short = sum(1 for k, p in enumerate(profiles) if p is not None and len(candidates[k]) < 2)
+        if short:
+            usage.failures["fewer than 2 candidates"] += short
         return out
 
 

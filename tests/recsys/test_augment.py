@@ -1,0 +1,48 @@
+"""`python -m recsys.augment` end to end: a base BPR-MF run on ML-100K, then LLMRec's side
+information from the offline provider (not an LLM) for a few users."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from recsys.augment import run as augment_run
+from recsys.llm.augment import Augmentation
+from recsys.train import ConfigError
+from recsys.train import run as train_run
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _compose(name: str, out: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+def test_augment_a_trained_run(shared_data: Path, tmp_path: Path) -> None:
+    train_run(
+        _compose(
+            "train",
+            tmp_path / "run",
+            ["+experiment=bpr_ml100k", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"],
+        )
+    )
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    cfg = _compose("augment", tmp_path / "aug", [f"ckpt_path={ckpt}", "max_users=12", "candidates=4"])
+    out = augment_run(cfg)
+    aug = Augmentation.load(out)
+    assert aug.provider == "offline metadata templates (not an LLM)"
+    assert aug.user_emb.shape == (943, 384) and aug.item_emb.shape == (1682, 384)
+    assert aug.user_emb[:12].norm(dim=1).min() > 0.99 and aug.user_emb[12:].abs().sum() == 0  # max_users
+    assert aug.pairs.shape == (12, 3) and aug.fallbacks["pick_pair"] == {}
+    assert (out.parent / "augmentation.json").exists()
+    with pytest.raises(ConfigError, match="candidates must be >= 2"):
+        augment_run(_compose("augment", tmp_path / "aug2", [f"ckpt_path={ckpt}", "candidates=1"]))
