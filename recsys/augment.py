@@ -6,7 +6,10 @@ python -m recsys.augment ckpt_path=... llm=openai llm.provider.backend.base_url=
 The checkpoint's stored training config rebuilds the data and the model; each user's pair
 candidates are the model's top ``candidates`` items outside the user's training items (Wei et
 al., LLMRec, sec. 3.1); the provider (``llm=offline|openai|hf``) answers; the texts are
-embedded and the :class:`~recsys.llm.augment.Augmentation` is saved to ``out``.
+embedded and the :class:`~recsys.llm.augment.Augmentation` is saved to ``out``. Runs whose
+filters renumbered users or items (e.g. ML-1M with ratings >= 3) are mapped back to the
+dataset's titles and demographics through the datamodule's ``user_ids`` / ``item_ids``; the
+augmentation is in the run's numbering.
 """
 
 from __future__ import annotations
@@ -43,12 +46,7 @@ def run(cfg: DictConfig) -> Path:
     datamodule = instantiate(train_cfg.data)
     datamodule.setup("fit")
     data = load_interactions(train_cfg.data.dataset, root=train_cfg.data.get("root"))
-    if (datamodule.num_users, datamodule.num_items) != (data.num_users, data.num_items):
-        raise ConfigError(
-            f"{data.name}: the run's filters renumbered users/items ({datamodule.num_users} x "
-            f"{datamodule.num_items} of {data.num_users} x {data.num_items}); "
-            "augmenting such runs is not supported yet"
-        )
+    catalogue = Catalogue.of(data).select(datamodule.user_ids.tolist(), datamodule.item_ids.tolist())
     module = instantiate(train_cfg.model, evaluator=instantiate(train_cfg.evaluator))
     module.load_state_dict(torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
     net = module.net.eval()
@@ -63,7 +61,7 @@ def run(cfg: DictConfig) -> Path:
     histories = [train.indices[train.indptr[u] : train.indptr[u + 1]].tolist() for u in range(n_users)]
     provider = instantiate(cfg.llm.provider)
     encode = provider_encoder(provider)
-    result = augment(provider, Catalogue.of(data), histories, candidates, encode, datamodule.num_users)
+    result = augment(provider, catalogue, histories, candidates, encode, datamodule.num_users)
     out = Path(cfg.out)
     result.save(out)
     summary = {

@@ -22,11 +22,12 @@ Filter = Callable[[pl.DataFrame], pl.DataFrame]
 Splitter = Callable[[pl.DataFrame], Split]
 
 
-def compact_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
+def compact_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, torch.Tensor, torch.Tensor]:
     """Remap the users and items still present to contiguous ids (0..n-1), keeping order.
 
     Returns:
-        (frame with new ``user``/``item`` columns, num_users, num_items)
+        (frame with new ``user``/``item`` columns, (U,) int64 dataset id of each new user id,
+        (I,) int64 dataset id of each new item id)
     """
     users = df["user"].unique().sort()
     items = df["item"].unique().sort()
@@ -38,7 +39,11 @@ def compact_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, int, int]:
         .drop("user", "item")
         .rename({"_u": "user", "_i": "item"})
     )
-    return out, users.len(), items.len()
+    return (
+        out,
+        torch.from_numpy(users.to_numpy().astype("int64")),
+        torch.from_numpy(items.to_numpy().astype("int64")),
+    )
 
 
 def item_sets(df: pl.DataFrame, num_users: int, num_items: int) -> ItemSets:
@@ -79,6 +84,9 @@ class InteractionDataModule(L.LightningDataModule):
         positive_draw: ``each_interaction`` (every training pair once per epoch) or
             ``uniform_users`` (LightGCN's released sampling), see :mod:`recsys.data.sampling`.
         seed: base seed of the per-epoch shuffling and negative sampling.
+
+    After :meth:`setup`, ``user_ids`` / ``item_ids`` ((U,), (I,) int64) give the dataset's id of
+    every (possibly compacted) user and item id, to join side information such as titles.
     """
 
     def __init__(
@@ -113,8 +121,10 @@ class InteractionDataModule(L.LightningDataModule):
         for f in self.filters:
             df = f(df)
         num_users, num_items = data.num_users, data.num_items
+        self.user_ids, self.item_ids = torch.arange(num_users), torch.arange(num_items)
         if df["user"].n_unique() < num_users or df["item"].n_unique() < num_items:
-            df, num_users, num_items = compact_ids(df)
+            df, self.user_ids, self.item_ids = compact_ids(df)
+            num_users, num_items = self.user_ids.numel(), self.item_ids.numel()
         self._check_count("num_users", self.expected_users, num_users)
         self._check_count("num_items", self.expected_items, num_items)
         self.num_users, self.num_items = num_users, num_items

@@ -126,6 +126,10 @@ class MNARDataModule(L.LightningDataModule):
             mar = mar.join(mnar, on=["user", "item"], how="anti")
         log.info("%s: %d pairs rated in both parts, dropped (%s)", self.dataset, both.height, self.overlap)
         self.num_users, self.num_items = data.num_users, data.num_items
+        self.user_ids, self.item_ids = (
+            torch.arange(self.num_users),
+            torch.arange(self.num_items),
+        )  # not renumbered
         for key, found in (("num_users", self.num_users), ("num_items", self.num_items)):
             if self.expected[key] is not None and self.expected[key] != found:
                 raise ValueError(

@@ -69,6 +69,15 @@ class Catalogue:
             else ["a user"] * data.num_users,
         )
 
+    def select(self, users: Sequence[int], items: Sequence[int]) -> Catalogue:
+        """The catalogue of a renumbered run: its user ``u`` is dataset user ``users[u]``, items likewise."""
+        return Catalogue(
+            titles=[self.titles[i] for i in items],
+            genres=[self.genres[i] for i in items],
+            years=[self.years[i] for i in items],
+            demographics=[self.demographics[u] for u in users],
+        )
+
 
 def _demographics(row: dict) -> str:
     gender = {"M": "man", "F": "woman"}.get(str(row.get("gender")), "person")

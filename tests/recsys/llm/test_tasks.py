@@ -137,3 +137,9 @@ def test_augment_writes_embeddings_pairs_and_fallbacks(catalogue: Catalogue, min
     back = Augmentation.load(tmp_path / "aug.pt")
     assert torch.equal(back.pairs, aug.pairs) and back.provider.endswith("(not an LLM)")
     assert not (tmp_path / "aug.pt.tmp").exists()
+
+
+def test_catalogue_select_follows_a_renumbered_run(catalogue: Catalogue) -> None:
+    small = catalogue.select(users=[2, 0], items=[5, 0])
+    assert small.titles == [catalogue.titles[5], catalogue.titles[0]]
+    assert small.demographics == [catalogue.demographics[2], catalogue.demographics[0]]
