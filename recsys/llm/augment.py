@@ -106,8 +106,21 @@ def augment(
 
 
 def minilm_encoder(model: str | None = None, device: str | None = None) -> Encode:
-    """Texts -> (n, 384) unit vectors by all-MiniLM-L6-v2 (``retrieval.encoders.dense.DenseEncoder``)."""
+    """Texts -> (n, 384) unit vectors by all-MiniLM-L6-v2 (``retrieval.encoders.dense.DenseEncoder``).
+
+    Remembers every text it encoded, so asking again (the offline provider's pair choice, then
+    the profile features) costs nothing.
+    """
     from retrieval.encoders.dense import DenseEncoder
 
     encoder = DenseEncoder(model, device=device)
-    return lambda texts: encoder.encode(list(texts), progress=False)
+    memo: dict[str, Tensor] = {}  # a text is encoded once (profiles are needed for pairs and features)
+
+    def encode(texts: Sequence[str]) -> Tensor:
+        texts = list(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in memo]
+        if new:
+            memo.update(zip(new, encoder.encode(new, progress=False), strict=True))
+        return torch.stack([memo[t] for t in texts]) if texts else torch.zeros(0, encoder.dim)
+
+    return encode
