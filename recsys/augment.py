@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recsys import checkpoint
 from recsys.data.registry import load_interactions
-from recsys.llm.augment import augment
+from recsys.llm.augment import augment, minilm_encoder
 from recsys.llm.tasks import Catalogue
 from recsys.train import USER_ERRORS, ConfigError, entry_point
 from retrieval.eval.report import atomic_write_text
@@ -78,8 +78,6 @@ def run(cfg: DictConfig) -> Path:
 
 def provider_encoder(provider):
     """The text encoder: the offline provider's own, else all-MiniLM-L6-v2."""
-    from recsys.llm.augment import minilm_encoder
-
     return getattr(provider, "encode", None) or minilm_encoder()
 
 

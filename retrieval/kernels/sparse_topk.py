@@ -491,7 +491,7 @@ class SingleQuerySearch:
         qw[:m].copy_(q.values())
         n_pairs.fill_(m)
         if graph is None:
-            return unpack_keys(self._search(*self._graphs[capacity][1]), self.k)
+            return unpack_keys(self._search(terms, qw, n_pairs), self.k)
         graph.replay()
         return out[0].clone(), out[1].clone()
 
