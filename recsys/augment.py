@@ -61,7 +61,15 @@ def run(cfg: DictConfig) -> Path:
     histories = [train.indices[train.indptr[u] : train.indptr[u + 1]].tolist() for u in range(n_users)]
     provider = instantiate(cfg.llm.provider)
     encode = provider_encoder(provider)
-    result = augment(provider, catalogue, histories, candidates, encode, datamodule.num_users)
+    result = augment(
+        provider,
+        catalogue,
+        histories,
+        candidates,
+        encode,
+        datamodule.train_fingerprint(),
+        datamodule.num_users,
+    )
     out = Path(cfg.out)
     result.save(out)
     summary = {

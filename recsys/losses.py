@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,3 +40,40 @@ def l2_penalty(*embeddings: Tensor) -> Tensor:
     """
     batch = embeddings[0].shape[0]
     return sum(e.pow(2).sum() for e in embeddings) / (2 * batch)
+
+
+PRUNE_RULES = ("drop_high_loss", "keep_high_loss")
+
+
+def pruned_mean(losses: Tensor, prune_rate: float, rule: str = "drop_high_loss") -> Tensor:
+    r"""Mean of per-sample losses after pruning a fraction :math:`\omega` by loss (LLMRec, eq. 8).
+
+    Wei et al., "LLMRec: Large Language Models with Graph Augmentation for Recommendation",
+    WSDM 2024, sec. 3.3.1 (noisy implicit feedback pruning): the samples are sorted by loss and
+    only :math:`\lfloor N (1 - \omega) \rfloor` are kept,
+
+    .. math::
+        \mathcal{L} = \frac{1}{|\mathcal{K}|} \sum_{s \in \mathcal{K}} \ell_s, \qquad
+        \mathcal{K} = \mathrm{SortAscend}(\ell)[0 : N(1 - \omega)]
+
+    * ``drop_high_loss`` -- the paper's rule: keep the lowest losses (the highest-loss samples
+      are treated as noise);
+    * ``keep_high_loss`` -- what the released code computes: it sorts :math:`\ln\sigma(\cdot)`, the
+      negated loss, ascending, and so keeps the *highest* losses (with :math:`\omega = 0.71`).
+
+    Args:
+        losses: (N,) per-sample losses.
+        prune_rate: :math:`\omega \in [0, 1)`; 0 is the plain mean.
+        rule: ``drop_high_loss`` or ``keep_high_loss``.
+
+    Returns:
+        () mean over the kept samples (at least one is kept).
+    """
+    if rule not in PRUNE_RULES:
+        raise ValueError(f"unknown prune rule {rule!r}; choose from {PRUNE_RULES}")
+    if not 0 <= prune_rate < 1:
+        raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
+    keep = max(1, int(losses.numel() * (1 - prune_rate)))
+    if keep >= losses.numel():
+        return losses.mean()
+    return torch.topk(losses, keep, largest=rule == "keep_high_loss", sorted=False).values.mean()

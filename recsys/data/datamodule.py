@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader
 from recsys.data.registry import load_interactions
 from recsys.data.sampling import PairwiseBatches, UserBatches
 from recsys.data.splitters import Split
+from recsys.llm.augment import Augmentation
 from retrieval.types import ItemSets
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,12 @@ def compact_ids(df: pl.DataFrame) -> tuple[pl.DataFrame, torch.Tensor, torch.Ten
         torch.from_numpy(users.to_numpy().astype("int64")),
         torch.from_numpy(items.to_numpy().astype("int64")),
     )
+
+
+def pairs_fingerprint(users: torch.Tensor, items: torch.Tensor, num_items: int) -> str:
+    """16 hex digits identifying a set of (user, item) pairs, whatever their order or duplicates."""
+    keys = torch.unique(users.long() * num_items + items.long())  # sorted
+    return hashlib.sha256(keys.numpy().tobytes()).hexdigest()[:16]
 
 
 def item_sets(df: pl.DataFrame, num_users: int, num_items: int) -> ItemSets:
@@ -84,6 +92,9 @@ class InteractionDataModule(L.LightningDataModule):
         positive_draw: ``each_interaction`` (every training pair once per epoch) or
             ``uniform_users`` (LightGCN's released sampling), see :mod:`recsys.data.sampling`.
         seed: base seed of the per-epoch shuffling and negative sampling.
+        augmentation_path: optional LLMRec side information for this split
+            (:class:`~recsys.llm.augment.Augmentation`, written by ``python -m recsys.augment``);
+            checked against the data and the training split, then available as ``augmentation``.
 
     After :meth:`setup`, ``user_ids`` / ``item_ids`` ((U,), (I,) int64) give the dataset's id of
     every (possibly compacted) user and item id, to join side information such as titles.
@@ -103,6 +114,7 @@ class InteractionDataModule(L.LightningDataModule):
         num_negatives: int = 1,
         positive_draw: str = "each_interaction",
         seed: int = 2020,
+        augmentation_path: str | Path | None = None,
     ):
         super().__init__()
         self.dataset, self.splitter, self.filters = dataset, splitter, list(filters)
@@ -110,6 +122,8 @@ class InteractionDataModule(L.LightningDataModule):
         self.root, self.download = root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_negatives, self.positive_draw, self.seed = num_negatives, positive_draw, seed
+        self.augmentation_path = augmentation_path
+        self.augmentation: Augmentation | None = None
         self.split: Split | None = None
         self.num_users = self.num_items = 0
 
@@ -133,6 +147,11 @@ class InteractionDataModule(L.LightningDataModule):
         self.val_sets = item_sets(self.split.val, num_users, num_items)
         self.test_sets = item_sets(self.split.test, num_users, num_items)
         self._exclude = {"val": self.train_sets, "test": self.train_sets.union(self.val_sets)}
+        if self.augmentation_path is not None:
+            self.augmentation = Augmentation.load(self.augmentation_path)
+            self.augmentation.check(
+                num_users, num_items, self.train_fingerprint(), str(self.augmentation_path)
+            )
         log.info(
             "%s: %d users, %d items; train/val/test = %d/%d/%d interactions",
             self.dataset,
@@ -167,6 +186,10 @@ class InteractionDataModule(L.LightningDataModule):
         tr = self.split.train
         users = torch.from_numpy(tr["user"].to_numpy().astype("int64"))
         return users, torch.from_numpy(tr["item"].to_numpy().astype("int64"))
+
+    def train_fingerprint(self) -> str:
+        """:func:`pairs_fingerprint` of the training interactions (which split a derived file is for)."""
+        return pairs_fingerprint(*self.train_pairs(), self.num_items)
 
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0

@@ -36,6 +36,9 @@ class Augmentation:
         pairs: (P, 3) int64 rows (user, liked item, disliked item).
         fallbacks: task -> reason -> count of unusable answers.
         user_text, item_text: the texts (``None`` where they fell back).
+        train_fingerprint: the training split it was made for
+            (:func:`recsys.data.datamodule.pairs_fingerprint`): the pairs' candidates excluded that
+            split's training items, so another split (seed, filters) is refused.
     """
 
     provider: str
@@ -45,6 +48,7 @@ class Augmentation:
     fallbacks: dict[str, dict[str, int]]
     user_text: list[str | None]
     item_text: list[str | None]
+    train_fingerprint: str
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` atomically (``torch.load(weights_only=True)`` reads it back)."""
@@ -56,7 +60,49 @@ class Augmentation:
 
     @classmethod
     def load(cls, path: str | Path) -> Augmentation:
-        return cls(**torch.load(path, weights_only=True))
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: naming the command that writes one.
+            ValueError: a file of another kind or an older version.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no augmentation file; `python -m recsys.augment ckpt_path=<base run>` writes one"
+            )
+        state = torch.load(path, weights_only=True)
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(state, dict) or set(state) != fields:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"{path}: not an augmentation of this version (fields {found}; expected {sorted(fields)})"
+            )
+        return cls(**state)
+
+    def check(self, num_users: int, num_items: int, train_fingerprint: str, where: str) -> None:
+        """Refuse an augmentation made for other data than ``num_users`` x ``num_items`` and this split.
+
+        Raises:
+            ValueError: naming ``where`` (the file), what it holds and what the data has.
+        """
+        found = (self.user_emb.shape[0], self.item_emb.shape[0])
+        if found != (num_users, num_items):
+            raise ValueError(
+                f"{where}: made for {found[0]} users x {found[1]} items; data has {num_users} x {num_items}"
+            )
+        if self.pairs.numel() and (
+            self.pairs[:, 0].max() >= num_users
+            or self.pairs[:, 1:].max() >= num_items
+            or self.pairs.min() < 0
+        ):
+            raise ValueError(f"{where}: pairs hold user or item ids outside the data")
+        if self.train_fingerprint != train_fingerprint:
+            raise ValueError(
+                f"{where}: made for another training split (fingerprint {self.train_fingerprint}, this split "
+                f"{train_fingerprint}); rerun `python -m recsys.augment` on a base run with the same data, "
+                "filters and seed"
+            )
 
 
 def _embed(texts: list[str | None], encode: Encode) -> Tensor:
@@ -74,6 +120,7 @@ def augment(
     histories: Sequence[Sequence[int]],
     candidates: Sequence[Sequence[int]],
     encode: Encode,
+    train_fingerprint: str,
     num_users: int | None = None,
 ) -> Augmentation:
     """Ask ``provider`` about every item and the users ``0..len(histories)-1``; pairs from their candidates.
@@ -84,6 +131,7 @@ def augment(
         histories: per user, the training items (in any order).
         candidates: per user, the items the pair may come from (e.g. a base model's top-K).
         encode: texts -> (n, d) vectors.
+        train_fingerprint: the training split's fingerprint (stored; checked when the file is used).
         num_users: rows of ``user_emb`` (users not asked about get zero rows); default: ``len(histories)``.
     """
     users = list(range(len(histories)))
@@ -102,6 +150,7 @@ def augment(
         fallbacks=fallbacks,
         user_text=user_text + [None] * extra,
         item_text=item_text,
+        train_fingerprint=train_fingerprint,
     )
 
 

@@ -147,19 +147,33 @@ class LightGCN(nn.Module):
             ((U, d), (I, d)) user and item embeddings.
         """
         if self.adj is None:
-            raise RuntimeError("LightGCN needs its training graph: call set_graph(users, items) first")
-        x = self.embedding.weight  # (N, d)
+            raise RuntimeError(
+                f"{type(self).__name__} needs its training graph: call set_graph(users, items) first"
+            )
         cacheable = not torch.is_grad_enabled()
-        if cacheable and self._cache is not None and self._cache[0] == _version(x):
+        key = self._cache_key()
+        if cacheable and self._cache is not None and self._cache[0] == key:
             out = self._cache[1]
-            return out[: self.num_users], out[self.num_users :]
+        else:
+            out = self._node_table()  # (N, d)
+            self._cache = (key, out) if cacheable else None
+        return out[: self.num_users], out[self.num_users :]
+
+    def _node_table(self) -> Tensor:
+        """(U + I, d) what :meth:`propagate` returns, users then items."""
+        return self.layer_mean(self.embedding.weight)
+
+    def _cache_key(self) -> tuple[int, ...]:
+        """What :meth:`_node_table` depends on: the in-place versions of the parameters."""
+        return tuple(_version(p) for p in self.parameters())
+
+    def layer_mean(self, x: Tensor) -> Tensor:
+        r"""The mean of :math:`\hat{A}^k x` over :math:`k = 0..K`: (N, c) for an (N, c) ``x``."""
         total = x
         for _ in range(self.num_layers):
-            x = _SymmetricSpmm.apply(self.adj, x)  # (N, d)
+            x = _SymmetricSpmm.apply(self.adj, x)  # (N, c)
             total = total + x
-        out = total / (self.num_layers + 1)  # (N, d)
-        self._cache = (_version(x), out) if cacheable else None
-        return out[: self.num_users], out[self.num_users :]
+        return total / (self.num_layers + 1)
 
     def forward(self, users: Tensor, items: Tensor) -> Tensor:
         """Scores of users against items.

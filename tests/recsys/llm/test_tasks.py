@@ -125,7 +125,7 @@ def test_augment_writes_embeddings_pairs_and_fallbacks(catalogue: Catalogue, min
     )
     histories = [[0, 1, 2], [3, 4], [], [5, 6, 7]]
     candidates = [[10, 11, 12], [13, 14], [15, 16], [17]]  # user 2: no profile; user 3: one candidate
-    aug = augment(OfflineProvider(minilm), small, histories, candidates, minilm)
+    aug = augment(OfflineProvider(minilm), small, histories, candidates, minilm, "0123abcd")
     assert aug.user_emb.shape == (4, 384) and aug.item_emb.shape == (40, 384)
     assert aug.user_emb[2].abs().sum() == 0 and aug.user_emb[0].norm() == pytest.approx(1.0, abs=1e-4)
     assert aug.pairs[:, 0].tolist() == [0, 1]
@@ -137,6 +137,16 @@ def test_augment_writes_embeddings_pairs_and_fallbacks(catalogue: Catalogue, min
     back = Augmentation.load(tmp_path / "aug.pt")
     assert torch.equal(back.pairs, aug.pairs) and back.provider.endswith("(not an LLM)")
     assert not (tmp_path / "aug.pt.tmp").exists()
+    back.check(4, 40, "0123abcd", "aug.pt")
+    with pytest.raises(ValueError, match=r"aug.pt: made for 4 users x 40 items; data has 5 x 40"):
+        back.check(5, 40, "0123abcd", "aug.pt")
+    with pytest.raises(ValueError, match="another training split"):
+        back.check(4, 40, "ffff", "aug.pt")
+    with pytest.raises(FileNotFoundError, match="python -m recsys.augment"):
+        Augmentation.load(tmp_path / "missing.pt")
+    torch.save({"pairs": aug.pairs}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an augmentation of this version"):
+        Augmentation.load(tmp_path / "other.pt")
 
 
 def test_catalogue_select_follows_a_renumbered_run(catalogue: Catalogue) -> None:

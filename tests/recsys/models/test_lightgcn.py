@@ -74,6 +74,7 @@ def test_evaluation_cache_never_leaks_into_training() -> None:
     with torch.no_grad():
         first = net.score_all(torch.arange(3))
         assert torch.equal(net.score_all(torch.arange(3)), first)  # cached, identical
+        assert net.propagate()[1].data_ptr() == net.propagate()[1].data_ptr()  # not recomputed
     net.training = True  # as Lightning's mode restore does
     scores = net(torch.arange(3), torch.tensor([0, 1, 2]))
     assert scores.requires_grad
