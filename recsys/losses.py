@@ -45,15 +45,14 @@ def l2_penalty(*embeddings: Tensor) -> Tensor:
 PRUNE_RULES = ("drop_high_loss", "keep_high_loss")
 
 
-def pruned_mean(losses: Tensor, prune_rate: float, rule: str = "drop_high_loss") -> Tensor:
-    r"""Mean of per-sample losses after pruning a fraction :math:`\omega` by loss (LLMRec, eq. 8).
+def prune_by_loss(losses: Tensor, prune_rate: float, rule: str = "drop_high_loss") -> Tensor:
+    r"""The per-sample losses kept after pruning a fraction :math:`\omega` by loss (LLMRec, eq. 8).
 
     Wei et al., "LLMRec: Large Language Models with Graph Augmentation for Recommendation",
     WSDM 2024, sec. 3.3.1 (noisy implicit feedback pruning): the samples are sorted by loss and
-    only :math:`\lfloor N (1 - \omega) \rfloor` are kept,
+    :math:`\lfloor N (1 - \omega) \rfloor` of them are kept,
 
     .. math::
-        \mathcal{L} = \frac{1}{|\mathcal{K}|} \sum_{s \in \mathcal{K}} \ell_s, \qquad
         \mathcal{K} = \mathrm{SortAscend}(\ell)[0 : N(1 - \omega)]
 
     * ``drop_high_loss`` -- the paper's rule: keep the lowest losses (the highest-loss samples
@@ -63,11 +62,11 @@ def pruned_mean(losses: Tensor, prune_rate: float, rule: str = "drop_high_loss")
 
     Args:
         losses: (N,) per-sample losses.
-        prune_rate: :math:`\omega \in [0, 1)`; 0 is the plain mean.
+        prune_rate: :math:`\omega \in [0, 1)`; 0 keeps every sample.
         rule: ``drop_high_loss`` or ``keep_high_loss``.
 
     Returns:
-        () mean over the kept samples (at least one is kept).
+        (N',) the kept losses, in no particular order; at least one when ``N > 0``.
     """
     if rule not in PRUNE_RULES:
         raise ValueError(f"unknown prune rule {rule!r}; choose from {PRUNE_RULES}")
@@ -75,5 +74,5 @@ def pruned_mean(losses: Tensor, prune_rate: float, rule: str = "drop_high_loss")
         raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
     keep = max(1, int(losses.numel() * (1 - prune_rate)))
     if keep >= losses.numel():
-        return losses.mean()
-    return torch.topk(losses, keep, largest=rule == "keep_high_loss", sorted=False).values.mean()
+        return losses
+    return torch.topk(losses, keep, largest=rule == "keep_high_loss", sorted=False).values

@@ -46,3 +46,10 @@ def test_augment_a_trained_run(shared_data: Path, tmp_path: Path) -> None:
     assert (out.parent / "augmentation.json").exists()
     with pytest.raises(ConfigError, match="candidates must be >= 2"):
         augment_run(_compose("augment", tmp_path / "aug2", [f"ckpt_path={ckpt}", "candidates=1"]))
+
+    # LLMRec trains on it (same data and seed: same split) and reports the NGCF-style NDCG beside NDCG
+    llmrec = ["+experiment=llmrec_ml100k", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+    metrics = train_run(_compose("train", tmp_path / "llmrec", [*llmrec, f"data.augmentation_path={out}"]))
+    assert metrics["test"]["test/ndcg@10"] > 0.05 and "test/ndcg_ngcf@10" in metrics["test"]
+    with pytest.raises(ValueError, match="another training split"):  # another seed: another split
+        train_run(_compose("train", tmp_path / "llmrec2", [*llmrec, f"data.augmentation_path={out}", "seed=7"]))

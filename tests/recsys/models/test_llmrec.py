@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recsys.lit.llmrec import LLMRecRecommender, pair_table
-from recsys.losses import bpr_loss, pruned_mean
+from recsys.losses import bpr_loss, prune_by_loss
 from recsys.models.lightgcn import LightGCN
 from recsys.models.llmrec import LLMRec, scaled_cosine_error
 from retrieval.eval.topk_evaluator import TopKEvaluator
@@ -124,19 +124,16 @@ def test_scaled_cosine_error() -> None:
     assert scaled_cosine_error(x[:0], x[:0]).item() == 0.0
 
 
-def test_pruned_mean_rules() -> None:
+def test_prune_by_loss_rules() -> None:
     losses = torch.tensor([0.1, 5.0, 0.3, 2.0, 0.2, 9.0, 0.4, 1.0, 0.5, 3.0])
-    assert pruned_mean(losses, 0.0).item() == pytest.approx(losses.mean().item())
-    assert pruned_mean(losses, 0.2, "drop_high_loss").item() == pytest.approx(
-        torch.sort(losses).values[:8].mean().item()
-    )
-    assert pruned_mean(losses, 0.71, "keep_high_loss").item() == pytest.approx(
-        (9.0 + 5.0) / 2
-    )  # int(10·0.29) = 2
+    assert torch.equal(prune_by_loss(losses, 0.0), losses)
+    assert sorted(prune_by_loss(losses, 0.2, "drop_high_loss").tolist()) == sorted(losses.tolist())[:8]
+    assert sorted(prune_by_loss(losses, 0.71, "keep_high_loss").tolist()) == [5.0, 9.0]  # int(10·0.29) = 2
+    assert prune_by_loss(losses[:1], 0.9).tolist() == [pytest.approx(0.1)]  # one sample is always kept
     with pytest.raises(ValueError, match="unknown prune rule"):
-        pruned_mean(losses, 0.1, "median")
+        prune_by_loss(losses, 0.1, "median")
     with pytest.raises(ValueError, match="prune_rate"):
-        pruned_mean(losses, 1.0)
+        prune_by_loss(losses, 1.0)
 
 
 def test_augmented_pairs_come_from_the_batch_users() -> None:
