@@ -9,6 +9,7 @@ then rename). Unusable answers leave zero vectors / no pair, and ``fallbacks`` c
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -52,11 +53,7 @@ class Augmentation:
 
     def save(self, path: str | Path) -> None:
         """Write to ``path`` atomically (``torch.load(weights_only=True)`` reads it back)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.__dict__, tmp)
-        os.replace(tmp, path)
+        _save_atomically(self.__dict__, Path(path))
 
     @classmethod
     def load(cls, path: str | Path) -> Augmentation:
@@ -154,22 +151,54 @@ def augment(
     )
 
 
-def minilm_encoder(model: str | None = None, device: str | None = None) -> Encode:
+def text_key(text: str) -> str:
+    """The embedding cache's key of a text: its SHA-256 (hex)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def minilm_encoder(
+    model: str | None = None, device: str | None = None, cache: str | Path | None = None
+) -> Encode:
     """Texts -> (n, 384) unit vectors by all-MiniLM-L6-v2 (``retrieval.encoders.dense.DenseEncoder``).
 
     Remembers every text it encoded, so asking again (the offline provider's pair choice, then
-    the profile features) costs nothing.
-    """
-    from retrieval.encoders.dense import DenseEncoder
+    the profile features) costs nothing. With ``cache``, the vectors also persist in that file
+    (text SHA-256 -> vector, rewritten atomically after each call that encoded new texts), so runs
+    on other seeds or machines reuse them; the model is loaded only when a text is missing.
 
-    encoder = DenseEncoder(model, device=device)
-    memo: dict[str, Tensor] = {}  # a text is encoded once (profiles are needed for pairs and features)
+    Args:
+        model: dense model folder; ``None``: the packaged all-MiniLM-L6-v2.
+        device: where the model runs (default: CUDA when present).
+        cache: optional path of the persistent vector cache (made when missing).
+    """
+    cache = Path(cache) if cache is not None else None
+    memo: dict[str, Tensor] = {}  # text key -> vector
+    if cache is not None and cache.exists():
+        memo.update(torch.load(cache, weights_only=True))
+        log.info("%s: %d cached text vectors", cache, len(memo))
+    encoder = None
 
     def encode(texts: Sequence[str]) -> Tensor:
-        texts = list(texts)
-        new = [t for t in dict.fromkeys(texts) if t not in memo]
+        nonlocal encoder
+        keys = [text_key(t) for t in texts]
+        new = {k: t for k, t in zip(keys, texts, strict=True) if k not in memo}
         if new:
-            memo.update(zip(new, encoder.encode(new, progress=False), strict=True))
-        return torch.stack([memo[t] for t in texts]) if texts else torch.zeros(0, encoder.dim)
+            if encoder is None:
+                from retrieval.encoders.dense import DenseEncoder
+
+                encoder = DenseEncoder(model, device=device)
+            memo.update(zip(new, encoder.encode(list(new.values()), progress=False), strict=True))
+            if cache is not None:
+                _save_atomically(memo, cache)
+        if not keys:
+            return torch.zeros(0, next(iter(memo.values())).shape[0] if memo else 384)
+        return torch.stack([memo[k] for k in keys])
 
     return encode
+
+
+def _save_atomically(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

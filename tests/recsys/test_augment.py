@@ -52,4 +52,6 @@ def test_augment_a_trained_run(shared_data: Path, tmp_path: Path) -> None:
     metrics = train_run(_compose("train", tmp_path / "llmrec", [*llmrec, f"data.augmentation_path={out}"]))
     assert metrics["test"]["test/ndcg@10"] > 0.05 and "test/ndcg_ngcf@10" in metrics["test"]
     with pytest.raises(ValueError, match="another training split"):  # another seed: another split
-        train_run(_compose("train", tmp_path / "llmrec2", [*llmrec, f"data.augmentation_path={out}", "seed=7"]))
+        train_run(
+            _compose("train", tmp_path / "llmrec2", [*llmrec, f"data.augmentation_path={out}", "seed=7"])
+        )

@@ -153,3 +153,16 @@ def test_catalogue_select_follows_a_renumbered_run(catalogue: Catalogue) -> None
     small = catalogue.select(users=[2, 0], items=[5, 0])
     assert small.titles == [catalogue.titles[5], catalogue.titles[0]]
     assert small.demographics == [catalogue.demographics[2], catalogue.demographics[0]]
+
+
+def test_minilm_vectors_persist_in_the_cache_file(tmp_path: Path) -> None:
+    from recsys.llm.augment import minilm_encoder
+
+    cache = tmp_path / "vectors.pt"
+    first = minilm_encoder(cache=cache)(["a quiet drama", "a loud comedy", "a quiet drama"])
+    assert first.shape == (3, 384) and torch.equal(first[0], first[2]) and cache.exists()
+    # another run reads them back without loading any model (this model folder does not exist)
+    again = minilm_encoder(model=str(tmp_path / "no-model"), cache=cache)(["a loud comedy", "a quiet drama"])
+    assert torch.equal(again, first[[1, 0]])
+    with pytest.raises(Exception, match="no-model"):  # a new text needs the model
+        minilm_encoder(model=str(tmp_path / "no-model"), cache=cache)(["a new text"])
