@@ -53,7 +53,9 @@ def command(args: list[str], log: Path) -> None:
     """Run ``python -m <args>`` in the repository; raise with the log's tail on failure."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     if done.returncode:
         raise RuntimeError(f"python -m {' '.join(args)} failed; see {log}:\n{log.read_text()[-3000:]}")
 
@@ -68,18 +70,25 @@ def train(out: Path, overrides: list[str]) -> dict:
 
 
 def augment(ckpt: str, out: Path) -> Path:
-    """``recsys.augment``'s file for the base checkpoint ``ckpt`` (run it unless already there)."""
+    """``recsys.augment``'s file for the base checkpoint ``ckpt`` (run it unless already there).
+
+    The text vectors are kept in ``<work>/text_embeddings.pt``: the texts are the same on every seed.
+    """
     path = out / "augmentation.pt"
     if not path.exists():
         out.mkdir(parents=True, exist_ok=True)
-        args = ["recsys.augment", f"ckpt_path={ckpt}", f"out={path}", f"paths.output_dir={out}", f"hydra.run.dir={out}"]
-        command(args, out.parent / f"{out.name}.log")
+        cache = f"llm.provider.encode.cache={out.parent / 'text_embeddings.pt'}"
+        args = ["recsys.augment", f"ckpt_path={ckpt}", f"out={path}", cache]
+        command([*args, f"paths.output_dir={out}", f"hydra.run.dir={out}"], out.parent / f"{out.name}.log")
     return path
 
 
 def row(metrics: dict) -> dict[str, float]:
     test = {k.split("/", 1)[1]: v for k, v in metrics["metrics"]["test"].items()}
-    return test | {"val ndcg@10": metrics["metrics"]["val"]["val/ndcg@10"], "fit s": metrics["timings_s"]["fit"]}
+    return test | {
+        "val ndcg@10": metrics["metrics"]["val"]["val/ndcg@10"],
+        "fit s": metrics["timings_s"]["fit"],
+    }
 
 
 def cell(values: list[float], digits: int = 4) -> str:
@@ -123,13 +132,15 @@ def main() -> None:
     with ThreadPoolExecutor(min(args.jobs, len(args.seeds))) as pool:
         results = list(
             pool.map(
-                lambda s: run_seed(args.dataset, s, args.variants, work, args.overrides, per_seed_jobs), args.seeds
+                lambda s: run_seed(args.dataset, s, args.variants, work, args.overrides, per_seed_jobs),
+                args.seeds,
             )
         )
     cmd = "python benchmarks/llmrec_table.py " + " ".join(sys.argv[1:])
+    title = f"LLMRec vs LightGCN on {args.dataset}, {len(args.seeds)} seeds"
     text = "\n".join(
         [
-            f"## LLMRec vs LightGCN on {args.dataset}, {len(args.seeds)} seeds - {dt.datetime.now():%Y-%m-%dT%H:%M}",
+            f"## {title} - {dt.datetime.now():%Y-%m-%dT%H:%M}",
             "",
             f"Machine: {cpu_model()}; Python {platform.python_version()}. Command: `{cmd.strip()}`. "
             f"Seeds {args.seeds} (each moves the 8:1:1 split, initialisation and batches). Mean ± std over "

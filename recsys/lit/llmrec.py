@@ -65,7 +65,7 @@ class LLMRecRecommender(PairwiseRecommender):
         l2_weight: float = 0.0,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         compile: bool = False,
-        augment_rate: float = 0.1,
+        augment_rate: float = 0.01,
         prune_rate: float = 0.1,
         prune_rule: str = "drop_high_loss",
         mae_weight: float = 0.1,
