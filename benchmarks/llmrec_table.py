@@ -1,7 +1,8 @@
 """LightGCN vs LLMRec (and its ablations) over seeds, through the user-facing commands.
 
     python benchmarks/llmrec_table.py --dataset ml100k                    # seeds 2020-2022, every variant
-    python benchmarks/llmrec_table.py --dataset ml1m --variants llmrec --jobs 3 trainer.accelerator=gpu
+    python benchmarks/llmrec_table.py --dataset ml1m --variants llmrec --jobs 3 \
+        --base model.cuda_graph=true -- trainer.accelerator=gpu      # on a GPU
 
 Per seed, three commands, as a user runs them:
 
@@ -96,10 +97,11 @@ def cell(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def run_seed(dataset: str, seed: int, variants: list[str], work: Path, extra: list[str], jobs: int) -> dict:
+def run_seed(args: argparse.Namespace, seed: int, work: Path, jobs: int) -> dict:
     """{variant: row} for one seed: the base LightGCN, its augmentation, then the variants."""
-    common = [f"seed={seed}", COMPAT, *extra]
-    base = train(work / f"lightgcn_{seed}", [f"+experiment=lightgcn_{dataset}", *common])
+    dataset, variants = args.dataset, args.variants
+    common = [f"seed={seed}", COMPAT, *args.overrides]
+    base = train(work / f"lightgcn_{seed}", [f"+experiment=lightgcn_{dataset}", *common, *args.base])
     aug = augment(base["protocol"]["selected checkpoint"], work / f"augment_{seed}")
     llmrec = [f"+experiment=llmrec_{dataset}", *common, f"data.augmentation_path={aug}"]
     with ThreadPoolExecutor(jobs) as pool:
@@ -125,6 +127,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (seeds, then variants)")
     p.add_argument("--work", type=Path, default=None, help="run folders (reused when present)")
     p.add_argument("--no-append", action="store_true", help="print only")
+    p.add_argument("--base", nargs="*", default=[], help="Hydra overrides of the LightGCN runs only")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.accelerator=gpu")
     args = p.parse_args()
     work = (args.work or REPO / "outputs" / "llmrec_table" / args.dataset).resolve()
