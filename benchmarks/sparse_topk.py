@@ -12,16 +12,28 @@ Data:
 
 Methods, measured in the same call:
 
-* ``kernel``: :func:`retrieval.kernels.sparse_topk.sparse_topk_triton` on a float16 inverted index;
+* ``scatter only (previous)``: :func:`retrieval.kernels.sparse_topk.sparse_topk_triton` on a
+  float16 inverted index without a dense head: every posting of the batch's terms is scattered
+  with float32 atomic adds into zero-filled accumulators;
+* ``hybrid, head H`` (``--heads``, default 128): the same function on the index with a dense head
+  of its ``H`` most frequent terms (``InvertedIndex.with_head``): one tensor-core matmul per wave
+  scores the head terms and initialises the accumulators, the scatter adds the other terms'
+  postings; "head used" says whether the kernel's byte rule (``head_pays_off``) chose the head
+  for that batch (else the row times the previous design on the same index);
+* ``single-query mode (CUDA graphs)`` at batch 1: ``SingleQuerySearch`` (no head);
 * ``torch.sparse``: the ``(N, V)`` float32 CSR document matrix times the dense ``(V, B)`` query
   block (``torch.sparse.mm``), then ``topk`` over the ``(N, B)`` scores.
 
-Reported per (data, query kind, batch size): queries/s, median and p99 latency of one call
+Reported per (data, query kind, method, batch size): queries/s, median and p99 latency of one call
 (one batch), bytes of postings the batch needs per query (6 bytes per posting: int32 id +
-float16 weight), the bandwidth that amounts to as a fraction of the device-to-device copy rate
-measured in the same run, peak GPU memory, the speed-up over ``torch.sparse``, and whether the
-two agree (same scores rank by rank within float16 rounding). A profile of the kernel's GPU time
-by kernel names where the time goes. The table is appended to ``benchmarks/RESULTS.md``.
+float16 weight), the share of them in head terms and the head's memory, the bandwidth that the
+needed postings amount to as a fraction of the device-to-device copy rate measured in the same
+run (an effective rate for the hybrid, which reads the head's ``2 N H`` bytes once per wave for
+the whole batch instead of its postings once per query: it can pass 100%), peak GPU memory, the
+speed-up over ``torch.sparse``, and whether the two agree (same scores rank by rank within float16
+rounding). A profile of each method's GPU time by kernel at the largest batch says where the
+time goes (``head_matmul``, ``scatter``, ``run_max``, the ``topk`` kernels, the zero-fill).
+The table is appended to ``benchmarks/RESULTS.md``.
 
     python benchmarks/sparse_topk.py export --out .bench/sparse_real.pt       # on the CPU box
     python benchmarks/sparse_topk.py lucene --real .bench/sparse_real.pt      # the CPU side (Lucene)
@@ -54,6 +66,7 @@ from retrieval.kernels.sparse_topk import (  # noqa: E402
     SingleQuerySearch,
     block_pointers,
     csr_rows,
+    head_pays_off,
     sparse_topk_reference,
     sparse_topk_triton,
 )
@@ -257,15 +270,46 @@ def profile_host(fn, device: str) -> list[tuple[str, float]]:
 # --- the measurement ------------------------------------------------------------------------------
 
 
-def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baseline_max_batch, budgets, search):
-    """One row per (query kind, batch, accumulator budget); the baseline once per (kind, batch)."""
+def head_share(index: InvertedIndex, block: torch.Tensor) -> float:
+    """Fraction of the postings a query block needs that belong to the index's dense head terms."""
+    lengths = index.indptr[1:] - index.indptr[:-1]  # (V,)
+    need = lengths[block.col_indices()]
+    in_head = index.head_slot[block.col_indices()] >= 0
+    return float(need[in_head].sum()) / max(1, float(need.sum()))
+
+
+def search_modes(indexes: dict, batch: int, budgets: list[int], k: int, search, device: str) -> list:
+    """(method, index, budget, searcher) of every timed mode for one batch size.
+
+    The hybrid is timed from batch 2 up (one query never pays for a dense head).
+    """
+    modes = []
+    for head, index in indexes.items():
+        if head and batch == 1:
+            continue
+        method = f"hybrid, head {head}" if head else "scatter only (previous)"
+        modes += [(method, index, b, partial(search, index, k=k, budget_bytes=b)) for b in budgets]
+    if batch == 1 and device == "cuda":
+        graphs = SingleQuerySearch(indexes[0], k)
+        modes.append(("single-query mode (CUDA graphs)", indexes[0], graphs.budget_bytes, graphs))
+    return modes
+
+
+def measure(
+    name, indexes, csr, queries_by_kind, batches, k, device, rate, baseline_max_batch, budgets, search
+):
+    """One row per (query kind, batch, method, accumulator budget); the baseline once per (kind, batch).
+
+    ``indexes``: {head terms: the index with a dense head of that many terms}; 0 (required) is
+    the index without one, the previous design.
+    """
     rows, profiles = [], []
     for kind, queries in queries_by_kind.items():
         for batch in batches:
             n_calls = max(3, min(50, 2000 // batch)) if device == "cuda" else 2
             n_calls = min(n_calls, queries.shape[0] // batch)
             blocks = [csr_rows(queries, i * batch, (i + 1) * batch) for i in range(n_calls)]
-            bytes_q = statistics.mean(postings_bytes(index, b) for b in blocks) / batch
+            bytes_q = statistics.mean(postings_bytes(indexes[0], b) for b in blocks) / batch
             base = {}
             if csr is not None and batch <= baseline_max_batch:
                 baseline = partial(torch_sparse_topk, csr, k=k)
@@ -275,15 +319,16 @@ def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baselin
                     "torch.sparse peak GiB": peak(partial(baseline, blocks[0]), device),
                     "reference": baseline(blocks[0]),
                 }
-            modes = [(kind, budget, partial(search, index, k=k, budget_bytes=budget)) for budget in budgets]
-            if batch == 1 and device == "cuda":
-                graphs = SingleQuerySearch(index, k)
-                modes.append((f"{kind}, single-query mode (CUDA graphs)", graphs.budget_bytes, graphs))
-            for label, budget, kernel in modes:
+            modes = search_modes(indexes, batch, budgets, k, search, device)
+            for method, index, budget, kernel in modes:
+                for block in blocks if device == "cuda" else []:  # compile every variant the batches need
+                    kernel(block)
                 times = time_calls(kernel, blocks, device)
+                head = 0 if index.head is None or method.startswith("single") else index.head.shape[1]
                 row = {
                     "data": name,
-                    "queries": label,
+                    "queries": kind,
+                    "method": method,
                     "terms/query": statistics.mean(b.values().numel() for b in blocks) / batch,
                     "batch": batch,
                     "k": k,
@@ -292,6 +337,11 @@ def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baselin
                     "median ms": statistics.median(times) * 1e3,
                     "p99 ms": sorted(times)[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
                     "MB postings/query": bytes_q / 1e6,
+                    "head share %": 100 * statistics.mean(head_share(index, b) for b in blocks)
+                    if head
+                    else 0.0,
+                    "head GiB": index.head.numel() * index.head.element_size() / 2**30 if head else 0.0,
+                    "head used": bool(head) and head_pays_off(index, blocks[0].col_indices()),
                     "bandwidth % of copy": 100 * bytes_q * batch / statistics.median(times) / rate,
                     "kernel peak GiB": peak(partial(kernel, blocks[0]), device),
                 }
@@ -304,17 +354,19 @@ def measure(name, index, csr, queries_by_kind, batches, k, device, rate, baselin
                 log.info(
                     "%s", json.dumps({c: round(v, 4) if isinstance(v, float) else v for c, v in row.items()})
                 )
-            best = max((r for r in rows[-len(modes) :][: len(budgets)]), key=lambda r: r["kernel QPS"])
-            kernel = partial(search, index, k=k, budget_bytes=int(best["budget MiB"] * 2**20))
-            title = f"{name} {kind} batch {batch}, budget {best['budget MiB']:.0f} MiB"
-            if batch == max(batches):
-                profiles.append(
-                    (f"GPU time by kernel, {title}", profile_kernel(partial(kernel, blocks[0]), device))
-                )
-            if batch == min(batches):
-                profiles.append(
-                    (f"host time by operator, {title}", profile_host(partial(kernel, blocks[0]), device))
-                )
+            timed = rows[-len(modes) :]
+            for method, index in dict((m[0], m[1]) for m in modes if not m[0].startswith("single")).items():
+                best = max((r for r in timed if r["method"] == method), key=lambda r: r["kernel QPS"])
+                kernel = partial(search, index, k=k, budget_bytes=int(best["budget MiB"] * 2**20))
+                title = f"{name} {kind} batch {batch}, {method}, budget {best['budget MiB']:.0f} MiB"
+                if batch == max(batches):
+                    profiles.append(
+                        (f"GPU time by kernel, {title}", profile_kernel(partial(kernel, blocks[0]), device))
+                    )
+                if batch == min(batches) and index.head is None:
+                    profiles.append(
+                        (f"host time by operator, {title}", profile_host(partial(kernel, blocks[0]), device))
+                    )
     return rows, profiles
 
 
@@ -362,6 +414,12 @@ def kernel_search(device: str, scatter_block: int):
     return sparse_topk_reference
 
 
+def with_heads(index: InvertedIndex, heads: str) -> dict[int, InvertedIndex]:
+    """{head terms: ``index`` with a dense head of that many terms} for each of ``heads``, and 0."""
+    sizes = sorted({0} | {int(h) for h in heads.split(",") if h})
+    return {h: index.with_head(h) for h in sizes}
+
+
 def run(args) -> None:
     device = args.device
     batches = [int(b) for b in args.batches.split(",")]
@@ -380,7 +438,7 @@ def run(args) -> None:
             config = f", blocks 2^{bits}, scatter {scatter_block}" if len(configs) > 1 else ""
             rows, profiles = measure(
                 name + config,
-                index,
+                with_heads(index, args.heads),
                 csr,
                 queries,
                 batches,
@@ -404,7 +462,7 @@ def run(args) -> None:
             real_batches = [b for b in batches if b <= min(q.shape[0] for q in qs.values())] or [1]
             rows, profiles = measure(
                 name,
-                index,
+                with_heads(index, args.heads),
                 csr,
                 qs,
                 real_batches,
@@ -429,7 +487,7 @@ def run(args) -> None:
         )
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M")
         prof_text = "\n".join(
-            f"- {title}: " + "; ".join(f"{kname[:60]} {ms:.2f} ms" for kname, ms in prof[:5])
+            f"- {title}: " + "; ".join(f"{kname[:60]} {ms:.2f} ms" for kname, ms in prof[:7])
             for title, prof in all_profiles
             if prof
         )
@@ -597,6 +655,9 @@ def main() -> None:
     r.add_argument("--scatter-blocks", default="1024", help="postings per scatter iteration to sweep")
     r.add_argument(
         "--budgets-gib", default="0.03,0.25,2,8", help="kernel accumulators per wave (GiB), each measured"
+    )
+    r.add_argument(
+        "--heads", default="128", help="dense head sizes (terms) of the hybrid, each measured beside no head"
     )
     r.add_argument("--no-append", action="store_true")
     lu = sub.add_parser("lucene")

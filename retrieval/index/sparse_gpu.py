@@ -5,7 +5,10 @@ inverted index of :class:`~retrieval.kernels.sparse_topk.InvertedIndex` -- per t
 document ids and float16 (or bfloat16 / float32) weights: 6 bytes per non-zero in float16 against
 ``sparse_torch``'s 12. Queries are scored with :func:`~retrieval.kernels.sparse_topk.sparse_topk`:
 the Triton kernel on a GPU, the torch reference on the CPU; both exact up to the weights'
-rounding to ``weight_dtype`` (recorded in the manifest) and the order of equal scores.
+rounding to ``weight_dtype`` (recorded in the manifest) and the order of equal scores. On a GPU,
+batches are scored with a dense head of the most frequent terms (``head_terms``, built on load:
+``2 N H`` bytes in float16) and single queries replay a CUDA graph
+(:class:`~retrieval.kernels.sparse_topk.SingleQuerySearch`).
 
 On disk, an index directory holds:
 
@@ -38,7 +41,13 @@ from retrieval.index.manifest import (
     write_manifest,
 )
 from retrieval.index.sparse_torch import DOC_IDS, SHARDS, check_vectors, rankings
-from retrieval.kernels.sparse_topk import WEIGHT_DTYPES, InvertedIndex, csr_rows, sparse_topk
+from retrieval.kernels.sparse_topk import (
+    WEIGHT_DTYPES,
+    InvertedIndex,
+    SingleQuerySearch,
+    csr_rows,
+    sparse_topk,
+)
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)
@@ -115,25 +124,45 @@ class SparseGpuSearcher:
 
     :math:`s(q, d) = \sum_j q_j d_j` in float32 over the stored (``weight_dtype``) document
     weights. Documents sharing no term with the query are not returned, so a query may get
-    fewer than ``k``. The index lives on ``device`` (``cuda`` when available): the Triton kernel
-    scores it there; on the CPU the torch reference does, with the same results.
+    fewer than ``k``. The index lives on ``device`` (``cuda`` when available): the Triton kernels
+    score it there; on the CPU the torch reference does, with the same results. A batch of one
+    query goes through single-query mode (one CUDA graph replay) where ``single_query`` is on.
 
     Args:
         index_dir: (str | Path) an index written by :func:`build_sparse_gpu`.
         device: (str | None, default None) ``None`` picks ``cuda`` when available, else ``cpu``.
         budget_bytes: (int, default 1 GiB) float32 accumulators per wave of documents
             (:func:`~retrieval.kernels.sparse_topk.sparse_topk`).
+        head_terms: (int, default 128) on a GPU, the most frequent terms kept as a dense head
+            (:meth:`~retrieval.kernels.sparse_topk.InvertedIndex.with_head`): ``2 N H`` more
+            bytes in float16 (2.25 GB for 8.8M documents); 0 for none. Unused on the CPU.
+        use_head: (bool | None, default None) score batches with the head: ``None`` where their
+            head postings outweigh it (:func:`~retrieval.kernels.sparse_topk.head_pays_off`).
+        single_query: (bool | None, default None) score one-query batches with
+            :class:`~retrieval.kernels.sparse_topk.SingleQuerySearch` (CUDA graphs; Triton's
+            interpreter on the CPU); ``None``: on a CUDA device.
 
     Raises:
         IndexFormatError: the directory is missing, half-built, of another kind, or its files
             disagree with the manifest.
     """
 
-    def __init__(self, index_dir: str | Path, device: str | None = None, budget_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        index_dir: str | Path,
+        device: str | None = None,
+        budget_bytes: int = 1 << 30,
+        head_terms: int = 128,
+        single_query: bool | None = None,
+        use_head: bool | None = None,
+    ):
         self.index_dir = Path(index_dir)
         self.manifest = read_manifest(self.index_dir, KIND)
         self.device = resolve_device(device)
         self.budget_bytes = budget_bytes
+        self.single_query = self.device.type == "cuda" if single_query is None else single_query
+        self.use_head = use_head
+        self._single: dict[int, SingleQuerySearch] = {}  # by k
         try:
             self.doc_ids: list[str] = json.loads((self.index_dir / DOC_IDS).read_text(encoding="utf-8"))
             state = torch.load(self.index_dir / POSTINGS, weights_only=True)
@@ -144,9 +173,10 @@ class SparseGpuSearcher:
                 f"{self.index_dir}: {len(self.doc_ids)} doc ids, {state['num_docs']} documents in the "
                 f"postings, manifest says {self.manifest.num_docs}; rebuild the index"
             )
-        self.index = InvertedIndex.from_state(state, self.device)
+        head = head_terms if self.device.type == "cuda" else 0
+        self.index = InvertedIndex.from_state(state, self.device, head_terms=head)
         log.info(
-            "sparse_gpu index %s: %d documents, %.1f MB of postings on %s",
+            "sparse_gpu index %s: %d documents, %.1f MB of postings and dense head on %s",
             self.index_dir,
             self.index.num_docs,
             self.index.nbytes / 1e6,
@@ -160,7 +190,8 @@ class SparseGpuSearcher:
     def search(
         self, query_ids: list[str], query_vectors: torch.Tensor, k: int = 1000, batch_size: int = 1000
     ) -> Run:
-        """The top-``k`` documents of each query, ``batch_size`` queries per kernel call.
+        """The top-``k`` documents of each query, ``batch_size`` queries per kernel call (a
+        batch of one in single-query mode, :attr:`single_query`).
 
         Raises:
             ValueError: row count or vocabulary mismatch, ``k < 1``, or bad query weights.
@@ -173,6 +204,18 @@ class SparseGpuSearcher:
         run: dict[str, dict[str, float]] = {}
         for lo in range(0, len(query_ids), batch_size):
             block = csr_rows(queries, lo, lo + batch_size).to(self.device)
-            scores, docs = sparse_topk(self.index, block, k, self.budget_bytes)  # (B, k) each
+            scores, docs = self.score(block, k)  # (B, k) each
             run.update(rankings(query_ids[lo : lo + batch_size], scores, docs, self.doc_ids))
         return Run(run)
+
+    def score(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, docs) of a ``(B, V)`` CSR block on the index's device: (B, k) each.
+
+        One query in single-query mode (a :class:`SingleQuerySearch` kept per ``k``), else
+        :func:`~retrieval.kernels.sparse_topk.sparse_topk`.
+        """
+        if queries.shape[0] == 1 and self.single_query:
+            if k not in self._single:
+                self._single[k] = SingleQuerySearch(self.index, k, self.budget_bytes)
+            return self._single[k](queries)
+        return sparse_topk(self.index, queries, k, self.budget_bytes, self.use_head)
