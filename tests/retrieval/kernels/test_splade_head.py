@@ -264,3 +264,18 @@ def test_cuda_splade_tiny_vectors_equal_reference(autocast: bool) -> None:
     torch.testing.assert_close(got, expected, **tol)
     torch.testing.assert_close(got, plain, **tol)
     assert ((got > 0).sum(dim=1) > 0).all()  # every text, even "x", has terms
+
+
+@pytest.mark.parametrize("shape", [(3, 70, 20, 150), (2, 9, 140, 60)])  # W resident, and H > RESIDENT_H
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_without_argmax_equal_values_with_argmax(shape: tuple, bias: bool) -> None:
+    """Without a gradient the kernel skips the argmax and adds the bias after the max: the same
+    values up to float32 rounding (max_i fl(x_i + b) = fl(max_i x_i + b) when both paths round the
+    dot alike), 0 on a row without a pooled position."""
+    hidden, weight, b, mask = make_inputs(*shape, seed=11, dtype=torch.float32, bias=bias, device=DEVICE)
+    mask[-1] = False
+    values, _ = max_logits_triton(hidden, weight, b, mask)
+    with torch.no_grad():
+        got = splade_head_triton(hidden, weight, b, mask)
+    torch.testing.assert_close(got, values.relu().log1p(), rtol=1e-6, atol=1e-6)
+    assert (got[-1] == 0).all() and (got[0] > 0).any()
