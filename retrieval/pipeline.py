@@ -251,7 +251,9 @@ def open_search(
     elif kind == "sparse_gpu":
         from retrieval.index.sparse_gpu import SparseGpuSearcher
 
-        searcher = SparseGpuSearcher(index_dir, device=cfg.index.get("device"))
+        searcher = SparseGpuSearcher(
+            index_dir, device=cfg.index.get("device"), head_terms=cfg.index.get("head_terms", 128)
+        )
 
         def search(ids, texts, k):
             return searcher.search(ids, encoder.encode(texts, progress=False), k)
