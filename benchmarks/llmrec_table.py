@@ -133,12 +133,7 @@ def main() -> None:
     work = (args.work or REPO / "outputs" / "llmrec_table" / args.dataset).resolve()
     per_seed_jobs = max(1, args.jobs // len(args.seeds))
     with ThreadPoolExecutor(min(args.jobs, len(args.seeds))) as pool:
-        results = list(
-            pool.map(
-                lambda s: run_seed(args.dataset, s, args.variants, work, args.overrides, per_seed_jobs),
-                args.seeds,
-            )
-        )
+        results = list(pool.map(lambda s: run_seed(args, s, work, per_seed_jobs), args.seeds))
     cmd = "python benchmarks/llmrec_table.py " + " ".join(sys.argv[1:])
     title = f"LLMRec vs LightGCN on {args.dataset}, {len(args.seeds)} seeds"
     text = "\n".join(
