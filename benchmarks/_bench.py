@@ -21,8 +21,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def publish(text: str, results: Path = RESULTS) -> None:
-    """Print a result section and append it to the results log."""
+def publish(text: str, results: Path = RESULTS, append: bool = True) -> None:
+    """Print a result section and (unless ``append`` is false) append it to the results log."""
     sys.stdout.write(text + "\n")
-    with open(results, "a", encoding="utf-8") as f:
-        f.write("\n" + text)
+    if append:
+        with open(results, "a", encoding="utf-8") as f:
+            f.write("\n" + text)

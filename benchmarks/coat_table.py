@@ -119,10 +119,7 @@ def main() -> None:
             *lines,
         ]
     )
-    if args.no_append:
-        sys.stdout.write(text + "\n")
-    else:
-        publish(text + "\n")
+    publish(text + "\n", append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -171,10 +171,7 @@ def main() -> None:
     for name in args.cases.split(","):
         lines += run_case(name, args)
     text = "\n".join(lines)
-    if args.no_append:
-        sys.stdout.write(text + "\n")
-    else:
-        publish(text)
+    publish(text, append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -150,10 +150,7 @@ def main() -> None:
             *table(results),
         ]
     )
-    if args.no_append:
-        sys.stdout.write(text + "\n")
-    else:
-        publish(text + "\n")
+    publish(text + "\n", append=not args.no_append)
 
 
 if __name__ == "__main__":

@@ -500,10 +500,7 @@ def main() -> None:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s"
     )
     text = run(args)
-    if args.no_append:
-        sys.stdout.write(text + "\n")
-    else:
-        publish(text)
+    publish(text, append=not args.no_append)
 
 
 if __name__ == "__main__":
