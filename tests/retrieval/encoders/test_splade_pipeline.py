@@ -7,25 +7,16 @@ head). Imports no Hydra or polars (the GPU machine has neither).
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 from retrieval.encoders import splade
 from retrieval.encoders.splade import RustBatchTokenizer, SpladeEncoder, batch_tokenizer
+from tests.retrieval.helpers import splade_tiny
 
-SPLADE_TINY = Path(os.environ.get("SPARROW_MODEL_DIR", Path(__file__).parents[4] / "shared" / "models"))
-SPLADE_TINY = SPLADE_TINY / "splade-tiny"
 TOL = {"rtol": 1e-4, "atol": 1e-4} if torch.cuda.is_available() else {"rtol": 1e-5, "atol": 1e-5}
-
-
-def splade_tiny() -> Path:
-    if not SPLADE_TINY.is_dir():
-        pytest.skip(f"no model at {SPLADE_TINY}")
-    return SPLADE_TINY
 
 
 WORDS = "insulin glucose tumour gene expression comet tail volcano magma wheat flour glacier ice".split()

@@ -8,9 +8,6 @@ This file imports no Hydra or polars (the GPU machine has neither).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -21,13 +18,12 @@ from retrieval.kernels.splade_head import (
     splade_head_triton,
 )
 from retrieval.models.pooling import output_embedding_inputs, output_embedding_name
+from tests.retrieval.helpers import splade_tiny
 from tests.retrieval.models.test_pooling import saved_numels
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # the kernel's device: CUDA, else the interpreter on CPU tensors
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-SPLADE_TINY = Path(os.environ.get("SPARROW_MODEL_DIR", Path(__file__).parents[4] / "shared" / "models"))
-SPLADE_TINY = SPLADE_TINY / "splade-tiny"
 
 
 def make_inputs(
@@ -247,10 +243,9 @@ def test_cuda_peak_memory_is_far_below_the_logits() -> None:
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cuda_splade_tiny_vectors_equal_reference(autocast: bool) -> None:
     transformers = pytest.importorskip("transformers")
-    if not SPLADE_TINY.is_dir():
-        pytest.skip(f"no model at {SPLADE_TINY}")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(SPLADE_TINY)
-    model = transformers.AutoModelForMaskedLM.from_pretrained(SPLADE_TINY).cuda().eval()
+    model_dir = splade_tiny()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(model_dir).cuda().eval()
     texts = ["Insulin lowers blood glucose.", "A comet's tail points away from the sun. " * 30, "x"]
     inputs = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt").to("cuda")
     head = model.get_output_embeddings()
