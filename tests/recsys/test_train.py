@@ -32,6 +32,9 @@ def test_experiment_composes(experiment: str, tmp_path: Path) -> None:
 
 
 DATA_FOR = {"relmf": "coat"}  # pointwise models need a datamodule with pointwise batches
+# models that need recsys.augment's file: here they must refuse to train without it (they are
+# trained end to end, augmentation included, in tests/recsys/test_augment.py)
+NEEDS_AUGMENTATION = {"llmrec"}
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -41,6 +44,10 @@ def test_model_config_trains_a_few_epochs(model: str, shared_data: Path, tmp_pat
         tmp_path,
         [f"model={model}", f"data={data}", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"],
     )
+    if model in NEEDS_AUGMENTATION:
+        with pytest.raises(ValueError, match="set data.augmentation_path"):
+            run(cfg)
+        return
     metrics = run(cfg)
     for stage in ("val", "test"):
         for key in ("ndcg@10", "recall@10", "ndcg@20", "recall@20"):
