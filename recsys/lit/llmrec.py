@@ -107,19 +107,16 @@ class LLMRecRecommender(PairwiseRecommender):
         users, pos, neg = batch["users"], batch["pos"], batch["neg"]  # (B,), (B,), (B, n)
         aug_users, liked, disliked = self.augmented_pairs(users)  # (A,) each
         user_emb, item_emb, reconstruction = self.net.training_embeddings()  # (U, d), (I, d), ()
-        u = user_emb[users]  # (B, d)
-        observed = (u * item_emb[pos]).sum(-1, keepdim=True) - (u.unsqueeze(1) * item_emb[neg]).sum(
-            -1
-        )  # (B, n)
+        items = torch.cat([pos.unsqueeze(1), neg], 1)  # (B, 1 + n)
+        scores = (user_emb[users].unsqueeze(1) * item_emb[items]).sum(-1)  # (B, 1 + n)
+        observed = scores[:, :1] - scores[:, 1:]  # (B, n)
         ua = user_emb[aug_users]  # (A, d)
         augmented = (ua * item_emb[liked]).sum(-1) - (ua * item_emb[disliked]).sum(-1)  # (A,)
-        kept = prune_by_loss(
-            F.softplus(-augmented), self.hparams.prune_rate, self.hparams.prune_rule
-        )  # (A',)
+        rule, rate = self.hparams.prune_rule, self.hparams.prune_rate
+        kept = prune_by_loss(F.softplus(-augmented), rate, rule)  # (A',)
         rank_loss = torch.cat([F.softplus(-observed).reshape(-1), kept]).mean()  # per-sample BPR
-        items = torch.cat([pos.unsqueeze(1), neg], 1).reshape(-1)  # (B·(1 + n),)
         ego_u, ego_i = self.net.ego_embeddings(
-            torch.cat([users, aug_users]), torch.cat([items, liked, disliked])
+            torch.cat([users, aug_users]), torch.cat([items.reshape(-1), liked, disliked])
         )
         reg = l2_penalty(ego_u, ego_i)  # per (observed or augmented) triple
         return rank_loss + self.hparams.l2_weight * reg + self.hparams.mae_weight * reconstruction
