@@ -167,6 +167,41 @@ class TwoTower(nn.Module):
         """(B,) scores of paired queries and items (row b of each)."""
         return (self.encode_queries(query_fields) * self.encode_items(item_fields)).sum(-1)
 
+    def set_features(self, user_fields: list[Tensor], item_fields: list[Tensor]) -> None:
+        """Every user's and item's feature ids, for full ranking (kept as buffers, not in checkpoints).
+
+        Args:
+            user_fields: one (U, L_f) int64 tensor per query field.
+            item_fields: one (I, L_f) int64 tensor per item field.
+        """
+        for prefix, fields in (("user", user_fields), ("item", item_fields)):
+            for f, ids in enumerate(fields):
+                self.register_buffer(f"{prefix}_field_{f}", ids, persistent=False)
+        self._counts = (len(user_fields), len(item_fields))
+
+    def features(self, kind: str, rows: Tensor | None = None) -> list[Tensor]:
+        """The stored fields of ``kind`` (``"user"`` or ``"item"``), all rows or ``rows`` (B,)."""
+        if not hasattr(self, "_counts"):
+            raise RuntimeError("TwoTower needs every user's and item's features: call set_features first")
+        n = self._counts[0 if kind == "user" else 1]
+        fields = [getattr(self, f"{kind}_field_{f}") for f in range(n)]
+        return fields if rows is None else [ids[rows] for ids in fields]
+
+    def encode_all(self, kind: str, chunk: int = 8192) -> Tensor:
+        """(N, d) embeddings of every stored user (``kind="user"``) or item, ``chunk`` rows at a time."""
+        tower = self.query_tower if kind == "user" else self.item_tower
+        fields = self.features(kind)
+        n = fields[0].shape[0]
+        return torch.cat([tower([f[lo : lo + chunk] for f in fields]) for lo in range(0, n, chunk)])
+
+    def embeddings(self) -> tuple[Tensor, Tensor]:
+        """((U, d), (I, d)) embeddings of every user and item; their dot products are the scores."""
+        return self.encode_all("user"), self.encode_all("item")
+
+    def score_all(self, users: Tensor) -> Tensor:
+        """(B, I) scores of users ``users`` (B,) against every item."""
+        return self.encode_queries(self.features("user", users)) @ self.encode_all("item").T
+
 
 def in_batch_softmax_loss(
     query: Tensor,

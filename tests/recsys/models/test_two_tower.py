@@ -239,3 +239,21 @@ def test_bad_input_raises_clearly() -> None:
         info_nce(torch.eye(2), torch.eye(2), 0.0)
     with pytest.raises(ValueError, match="alpha"):
         StreamingFrequency(alpha=0.0)
+
+
+def test_full_ranking_from_stored_features() -> None:
+    """score_all and embeddings() agree with encoding the rows one by one, chunked or not."""
+    torch.manual_seed(0)
+    net = TwoTower([5, 4], [6, 3], embedding_dim=4, hidden_dims=[8], output_dim=4)
+    with pytest.raises(RuntimeError, match="set_features"):
+        net.embeddings()
+    users = [torch.randint(0, 5, (7, 2)), torch.randint(0, 4, (7, 1))]
+    items = [torch.randint(0, 6, (9, 3)), torch.randint(0, 3, (9, 1))]
+    net.set_features(users, items)
+    u, i = net.embeddings()
+    assert u.shape == (7, 4) and i.shape == (9, 4)
+    torch.testing.assert_close(net.encode_all("item", chunk=2), i)
+    rows = torch.tensor([6, 0, 3])
+    expected = net.encode_queries([f[rows] for f in users]) @ net.encode_items(items).T
+    torch.testing.assert_close(net.score_all(rows), expected)
+    assert "user_field_0" not in net.state_dict()  # data, not weights
