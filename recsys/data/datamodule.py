@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +12,7 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader
 
+from recsys.data.features import FeatureTable, fit_feature_table
 from recsys.data.registry import load_interactions
 from recsys.data.sampling import PairwiseBatches, UserBatches
 from recsys.data.splitters import Split
@@ -95,6 +96,11 @@ class InteractionDataModule(L.LightningDataModule):
         augmentation_path: optional LLMRec side information for this split
             (:class:`~recsys.llm.augment.Augmentation`, written by ``python -m recsys.augment``);
             checked against the data and the training split, then available as ``augmentation``.
+        user_features: optional field name -> extractor (:mod:`recsys.data.features`) of the
+            dataset's user side information; the fitted :class:`~recsys.data.features.FeatureTable`
+            (rows in this module's user ids) is then ``user_table``.
+        item_features: the same for items (``item_table``).
+        feature_ids: add each entity's id as one more field of both tables.
 
     After :meth:`setup`, ``user_ids`` / ``item_ids`` ((U,), (I,) int64) give the dataset's id of
     every (possibly compacted) user and item id, to join side information such as titles.
@@ -115,6 +121,9 @@ class InteractionDataModule(L.LightningDataModule):
         positive_draw: str = "each_interaction",
         seed: int = 2020,
         augmentation_path: str | Path | None = None,
+        user_features: Mapping[str, str] | None = None,
+        item_features: Mapping[str, str] | None = None,
+        feature_ids: bool = False,
     ):
         super().__init__()
         self.dataset, self.splitter, self.filters = dataset, splitter, list(filters)
@@ -124,6 +133,10 @@ class InteractionDataModule(L.LightningDataModule):
         self.num_negatives, self.positive_draw, self.seed = num_negatives, positive_draw, seed
         self.augmentation_path = augmentation_path
         self.augmentation: Augmentation | None = None
+        self.feature_specs = (user_features, item_features)
+        self.feature_ids = feature_ids
+        self.user_table: FeatureTable | None = None
+        self.item_table: FeatureTable | None = None
         self.split: Split | None = None
         self.num_users = self.num_items = 0
 
@@ -147,6 +160,7 @@ class InteractionDataModule(L.LightningDataModule):
         self.val_sets = item_sets(self.split.val, num_users, num_items)
         self.test_sets = item_sets(self.split.test, num_users, num_items)
         self._exclude = {"val": self.train_sets, "test": self.train_sets.union(self.val_sets)}
+        self._fit_feature_tables(data)
         if self.augmentation_path is not None:
             self.augmentation = Augmentation.load(self.augmentation_path)
             self.augmentation.check(
@@ -161,6 +175,22 @@ class InteractionDataModule(L.LightningDataModule):
             self.split.val.height,
             self.split.test.height,
         )
+
+    def _fit_feature_tables(self, data) -> None:
+        """``user_table`` / ``item_table`` from the dataset's side information, when specs are given."""
+        for kind, spec, frame, ids in (
+            ("user", self.feature_specs[0], data.user_features, self.user_ids),
+            ("item", self.feature_specs[1], data.item_features, self.item_ids),
+        ):
+            if spec is None:
+                continue
+            if frame is None:
+                raise ValueError(
+                    f"data.{kind}_features is set, but {self.dataset} has no {kind} side information"
+                )
+            table = fit_feature_table(frame, kind, dict(spec), ids.numel(), ids=ids, with_id=self.feature_ids)
+            setattr(self, f"{kind}_table", table)
+            log.info("%s features: %s", kind, dict(zip(table.names, table.vocab_sizes, strict=True)))
 
     def _check_count(self, key: str, expected: int | None, found: int) -> None:
         if expected is not None and expected != found:
