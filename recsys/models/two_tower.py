@@ -240,13 +240,7 @@ def in_batch_softmax_loss(
         () mean loss.
     """
     batch = query.shape[0]
-    if query.dim() != 2 or item.shape != query.shape:
-        raise ValueError(
-            f"query and item must both be (B, d), got {tuple(query.shape)} and {tuple(item.shape)}"
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = query @ item.T / temperature  # (B, B)
+    logits = _similarities(query, item, temperature, "query and item")  # (B, B)
     if log_q is not None:
         if log_q.shape != (batch,):
             raise ValueError(f"log_q must be ({batch},), got {tuple(log_q.shape)}")
@@ -259,6 +253,15 @@ def in_batch_softmax_loss(
         logits = logits.masked_fill(duplicate, float("-inf"))
     labels = torch.arange(batch, device=logits.device)
     return F.cross_entropy(logits, labels)
+
+
+def _similarities(a: Tensor, b: Tensor, temperature: float, names: str) -> Tensor:
+    """``a @ b.T / temperature`` for two (N, d) tensors: (N, N); clear errors on bad shapes or temperature."""
+    if a.dim() != 2 or a.shape != b.shape:
+        raise ValueError(f"{names} must both be (N, d), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return a @ b.T / temperature
 
 
 def info_nce(view_a: Tensor, view_b: Tensor, temperature: float = 0.1) -> Tensor:
@@ -285,13 +288,7 @@ def info_nce(view_a: Tensor, view_b: Tensor, temperature: float = 0.1) -> Tensor
     Returns:
         () mean loss.
     """
-    if view_a.dim() != 2 or view_a.shape != view_b.shape:
-        raise ValueError(
-            f"view_a and view_b must both be (N, d), got {tuple(view_a.shape)} and {tuple(view_b.shape)}"
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = view_a @ view_b.T / temperature  # (N, N)
+    logits = _similarities(view_a, view_b, temperature, "view_a and view_b")  # (N, N)
     return F.cross_entropy(logits, torch.arange(view_a.shape[0], device=logits.device))
 
 
