@@ -6,37 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from recsys.augment import run as augment_run
 from recsys.llm.augment import Augmentation
 from recsys.train import ConfigError
 from recsys.train import run as train_run
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _compose(name: str, out: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+from tests.recsys.helpers import compose_config
 
 
 def test_augment_a_trained_run(shared_data: Path, tmp_path: Path) -> None:
     train_run(
-        _compose(
+        compose_config(
             "train",
             tmp_path / "run",
             ["+experiment=bpr_ml100k", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"],
         )
     )
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    cfg = _compose("augment", tmp_path / "aug", [f"ckpt_path={ckpt}", "max_users=12", "candidates=4"])
+    cfg = compose_config("augment", tmp_path / "aug", [f"ckpt_path={ckpt}", "max_users=12", "candidates=4"])
     out = augment_run(cfg)
     aug = Augmentation.load(out)
     assert aug.provider == "offline metadata templates (not an LLM)"
@@ -45,13 +32,17 @@ def test_augment_a_trained_run(shared_data: Path, tmp_path: Path) -> None:
     assert aug.pairs.shape == (12, 3) and aug.fallbacks["pick_pair"] == {}
     assert (out.parent / "augmentation.json").exists()
     with pytest.raises(ConfigError, match="candidates must be >= 2"):
-        augment_run(_compose("augment", tmp_path / "aug2", [f"ckpt_path={ckpt}", "candidates=1"]))
+        augment_run(compose_config("augment", tmp_path / "aug2", [f"ckpt_path={ckpt}", "candidates=1"]))
 
     # LLMRec trains on it (same data and seed: same split) and reports the NGCF-style NDCG beside NDCG
     llmrec = ["+experiment=llmrec_ml100k", "trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
-    metrics = train_run(_compose("train", tmp_path / "llmrec", [*llmrec, f"data.augmentation_path={out}"]))
+    metrics = train_run(
+        compose_config("train", tmp_path / "llmrec", [*llmrec, f"data.augmentation_path={out}"])
+    )
     assert metrics["test"]["test/ndcg@10"] > 0.05 and "test/ndcg_ngcf@10" in metrics["test"]
     with pytest.raises(ValueError, match="another training split"):  # another seed: another split
         train_run(
-            _compose("train", tmp_path / "llmrec2", [*llmrec, f"data.augmentation_path={out}", "seed=7"])
+            compose_config(
+                "train", tmp_path / "llmrec2", [*llmrec, f"data.augmentation_path={out}", "seed=7"]
+            )
         )

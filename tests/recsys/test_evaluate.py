@@ -4,24 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from recsys import evaluate, train
+from tests.recsys.helpers import compose_config
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _compose(config_name: str, out: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.paths.runs_dir = str(out.parent)
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +16,7 @@ def trained(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     """A 2-epoch BPR run: (its folder, its val/test metrics)."""
     out = tmp_path_factory.mktemp("train") / "run"
     overrides = ["+experiment=bpr_ml100k", "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
-    metrics = train.run(_compose("train", out, overrides))
+    metrics = train.run(compose_config("train", out, overrides))
     return out, metrics
 
 
@@ -40,7 +27,9 @@ def _selected(run_dir: Path) -> str:
 @pytest.mark.parametrize("split", ["test", "val"])
 def test_evaluate_reproduces_the_training_runs_metrics(trained, split: str, tmp_path: Path) -> None:
     run_dir, metrics = trained
-    got = evaluate.run(_compose("evaluate", tmp_path, [f"ckpt_path={_selected(run_dir)}", f"split={split}"]))
+    got = evaluate.run(
+        compose_config("evaluate", tmp_path, [f"ckpt_path={_selected(run_dir)}", f"split={split}"])
+    )
     assert got == {split: metrics[split]}  # to the last digit
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"] == got and saved["protocol"]["checkpoint epoch (0-based)"] == 1
@@ -54,7 +43,7 @@ def test_evaluate_reproduces_the_training_runs_metrics(trained, split: str, tmp_
 def test_evaluate_with_other_cut_offs(trained, tmp_path: Path) -> None:
     run_dir, metrics = trained
     overrides = [f"ckpt_path={_selected(run_dir)}", "evaluator=topk", "evaluator.ks=[5,10]"]
-    got = evaluate.run(_compose("evaluate", tmp_path, overrides))["test"]
+    got = evaluate.run(compose_config("evaluate", tmp_path, overrides))["test"]
     assert got["test/ndcg@10"] == metrics["test"]["test/ndcg@10"] and "test/ndcg@5" in got
     assert "test/ndcg@20" not in got
 
@@ -65,7 +54,7 @@ def test_evaluate_with_other_cut_offs(trained, tmp_path: Path) -> None:
 )
 def test_evaluate_rejects_bad_arguments(overrides: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(train.ConfigError, match=message):
-        evaluate.run(_compose("evaluate", tmp_path, overrides))
+        evaluate.run(compose_config("evaluate", tmp_path, overrides))
 
 
 def test_evaluate_command_line(trained, tmp_path: Path) -> None:

@@ -6,24 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from recsys.lit.two_tower import TwoTowerRecommender
 from recsys.train import run
 from retrieval.eval.topk_evaluator import TopKEvaluator
-
-CONF = Path(__file__).resolve().parents[3] / "conf"
-
-
-def _cfg(tmp_path: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-    return cfg
+from tests.recsys.helpers import compose_config
 
 
 @pytest.mark.parametrize("masking", ["cfm", "rfm", "dropout"])
@@ -34,14 +21,16 @@ def test_ssl_variants_train_and_rank(masking: str, shared_data: Path, tmp_path: 
         "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
     ]
-    metrics = run(_cfg(tmp_path, [*common, "model.ssl_weight=0.5", f"model.masking={masking}"]))
+    metrics = run(
+        compose_config("train", tmp_path, [*common, "model.ssl_weight=0.5", f"model.masking={masking}"])
+    )
     # after one epoch, demographic queries already rank at 3-4x chance (10 of about 1,600
     # candidates: recall@10 about 0.006); measured 0.017-0.024 for the three maskings
     assert metrics["test"]["test/recall@10"] > 0.012
 
 
 def test_needs_feature_tables(shared_data: Path, tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, ["model=two_tower", "data=ml100k", "trainer.max_epochs=1"])
+    cfg = compose_config("train", tmp_path, ["model=two_tower", "data=ml100k", "trainer.max_epochs=1"])
     with pytest.raises(ValueError, match="set data.user_features and data.item_features"):
         run(cfg)
 
