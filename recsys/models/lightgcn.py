@@ -63,6 +63,11 @@ def _version(t: Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def parameter_versions(module: nn.Module) -> tuple[int, ...]:
+    """The in-place versions of ``module``'s parameters: a cache key that changes with every update."""
+    return tuple(_version(p) for p in module.parameters())
+
+
 class _SymmetricSpmm(torch.autograd.Function):
     """``adj @ x`` for a constant symmetric sparse ``adj``: the backward pass is ``adj @ grad``."""
 
@@ -165,7 +170,7 @@ class LightGCN(nn.Module):
 
     def _cache_key(self) -> tuple[int, ...]:
         """What :meth:`_node_table` depends on: the in-place versions of the parameters."""
-        return tuple(_version(p) for p in self.parameters())
+        return parameter_versions(self)
 
     def layer_mean(self, x: Tensor) -> Tensor:
         r"""The mean of :math:`\hat{A}^k x` over :math:`k = 0..K`: (N, c) for an (N, c) ``x``."""

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsys.models.lightgcn import parameter_versions
+
 
 def _mlp(in_dim: int, hidden_dims: list[int], output_dim: int) -> nn.Sequential:
     """Linear layers with ReLU between them and none after the last."""
@@ -141,6 +143,7 @@ class TwoTower(nn.Module):
         super().__init__()
         self.query_tower = Tower(query_vocab_sizes, embedding_dim, hidden_dims, output_dim)
         self.item_tower = Tower(item_vocab_sizes, embedding_dim, hidden_dims, output_dim)
+        self._tables: dict[str, tuple[tuple[int, ...], Tensor]] = {}  # kind -> (parameter versions, table)
 
     def encode_queries(self, fields: list[Tensor], keep: Tensor | None = None) -> Tensor:
         """(B, output_dim) unit query embeddings; see :meth:`Tower.forward`."""
@@ -178,6 +181,7 @@ class TwoTower(nn.Module):
             for f, ids in enumerate(fields):
                 self.register_buffer(f"{prefix}_field_{f}", ids, persistent=False)
         self._counts = (len(user_fields), len(item_fields))
+        self._tables.clear()
 
     def features(self, kind: str, rows: Tensor | None = None) -> list[Tensor]:
         """The stored fields of ``kind`` (``"user"`` or ``"item"``), all rows or ``rows`` (B,)."""
@@ -188,11 +192,26 @@ class TwoTower(nn.Module):
         return fields if rows is None else [ids[rows] for ids in fields]
 
     def encode_all(self, kind: str, chunk: int = 8192) -> Tensor:
-        """(N, d) embeddings of every stored user (``kind="user"``) or item, ``chunk`` rows at a time."""
+        """(N, d) embeddings of every stored user (``kind="user"``) or item, ``chunk`` rows at a time.
+
+        Without gradients (evaluation) the table is kept and reused until a parameter changes in
+        place (an optimizer step), so ranking user batch after user batch encodes the items once.
+        """
+        key = parameter_versions(self)
+        cacheable = not torch.is_grad_enabled()
+        if cacheable and kind in self._tables and self._tables[kind][0] == key:
+            return self._tables[kind][1]
         tower = self.query_tower if kind == "user" else self.item_tower
         fields = self.features(kind)
         n = fields[0].shape[0]
-        return torch.cat([tower([f[lo : lo + chunk] for f in fields]) for lo in range(0, n, chunk)])
+        table = torch.cat([tower([f[lo : lo + chunk] for f in fields]) for lo in range(0, n, chunk)])
+        if cacheable:
+            self._tables[kind] = (key, table)
+        return table
+
+    def _apply(self, fn, recurse: bool = True):
+        self._tables.clear()  # cached tables stay on the old device otherwise
+        return super()._apply(fn, recurse)
 
     def embeddings(self) -> tuple[Tensor, Tensor]:
         """((U, d), (I, d)) embeddings of every user and item; their dot products are the scores."""

@@ -257,3 +257,14 @@ def test_full_ranking_from_stored_features() -> None:
     expected = net.encode_queries([f[rows] for f in users]) @ net.encode_items(items).T
     torch.testing.assert_close(net.score_all(rows), expected)
     assert "user_field_0" not in net.state_dict()  # data, not weights
+
+
+def test_evaluation_reuses_the_encoded_items_until_a_parameter_changes() -> None:
+    net = TwoTower([5], [6], embedding_dim=4, hidden_dims=[8], output_dim=4)
+    net.set_features([torch.randint(0, 5, (7, 2))], [torch.randint(0, 6, (9, 3))])
+    with torch.no_grad():
+        first = net.encode_all("item")
+        assert net.encode_all("item").data_ptr() == first.data_ptr()  # reused
+        net.item_tower.mlp[0].weight.add_(1.0)  # an optimizer step changes a parameter in place
+        assert not torch.equal(net.encode_all("item"), first)
+    assert net.encode_all("item").requires_grad  # with gradients: always encoded afresh
