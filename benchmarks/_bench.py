@@ -27,3 +27,15 @@ def publish(text: str, results: Path = RESULTS, append: bool = True) -> None:
     if append:
         with open(results, "a", encoding="utf-8") as f:
             f.write("\n" + text)
+
+
+def machine() -> str:
+    """The CPU, and the first CUDA GPU when torch sees one (the device a training run used)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)}, {cpu_model()}"
+    except ImportError:
+        pass
+    return cpu_model()

@@ -26,18 +26,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import os
 import platform
-import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _bench import cpu_model, publish  # noqa: E402
+from _bench import machine, publish  # noqa: E402
+from _runs import REPO, cell, command, train  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 COMPAT = "evaluator.compat=[ndcg_ideal_from_retrieved]"
 VARIANTS = {
     "llmrec": [],
@@ -48,26 +44,6 @@ VARIANTS = {
     "code_prune": ["model.prune_rule=keep_high_loss", "model.prune_rate=0.71"],
 }
 COLUMNS = ["recall@10", "recall@20", "ndcg@10", "ndcg@20", "ndcg_ngcf@10", "ndcg_ngcf@20"]
-
-
-def command(args: list[str], log: Path) -> None:
-    """Run ``python -m <args>`` in the repository; raise with the log's tail on failure."""
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        done = subprocess.run(
-            [sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    if done.returncode:
-        raise RuntimeError(f"python -m {' '.join(args)} failed; see {log}:\n{log.read_text()[-3000:]}")
-
-
-def train(out: Path, overrides: list[str]) -> dict:
-    """metrics.json of a finished ``recsys.train`` run in ``out`` (run it unless already there)."""
-    if not (out / "metrics.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        args = ["recsys.train", *overrides, f"paths.output_dir={out}", f"hydra.run.dir={out}"]
-        command([*args, "trainer.enable_progress_bar=false"], out.parent / f"{out.name}.log")
-    return json.loads((out / "metrics.json").read_text())
 
 
 def augment(ckpt: str, out: Path) -> Path:
@@ -90,11 +66,6 @@ def row(metrics: dict) -> dict[str, float]:
         "val ndcg@10": metrics["metrics"]["val"]["val/ndcg@10"],
         "fit s": metrics["timings_s"]["fit"],
     }
-
-
-def cell(values: list[float], digits: int = 4) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def run_seed(args: argparse.Namespace, seed: int, work: Path, jobs: int) -> dict:
@@ -140,7 +111,7 @@ def main() -> None:
         [
             f"## {title} - {dt.datetime.now():%Y-%m-%dT%H:%M}",
             "",
-            f"Machine: {cpu_model()}; Python {platform.python_version()}. Command: `{cmd.strip()}`. "
+            f"Machine: {machine()}; Python {platform.python_version()}. Command: `{cmd.strip()}`. "
             f"Seeds {args.seeds} (each moves the 8:1:1 split, initialisation and batches). Mean ± std over "
             "seeds; every run selected on val NDCG@10, test read once. Side information: the offline "
             "provider (metadata templates + all-MiniLM-L6-v2), **not an LLM**. ndcg_ngcf: the NDCG of "

@@ -56,9 +56,17 @@ def field_mutual_information(codes: Tensor) -> Tensor:
 
 
 def _complementary(num_fields: int, masked: Tensor) -> tuple[Tensor, Tensor]:
-    """Keep-masks of the two views: the first drops the ``masked`` fields, the second keeps only them."""
-    keep_a = torch.ones(num_fields, dtype=torch.bool)
-    keep_a[masked] = False
+    """Keep-masks of the two views: the first drops the ``masked`` fields, the second keeps only them.
+
+    Args:
+        num_fields: F.
+        masked: (..., M) int64 indices of the fields the first view drops, per row.
+
+    Returns:
+        Two complementary (..., F) bool keep-masks.
+    """
+    keep_a = torch.ones(*masked.shape[:-1], num_fields, dtype=torch.bool)  # (..., F)
+    keep_a.scatter_(-1, masked, False)
     return keep_a, ~keep_a
 
 
@@ -67,8 +75,17 @@ def _check_num_fields(num_fields: int) -> None:
         raise ValueError(f"masking needs at least 2 feature fields, got {num_fields}")
 
 
+def _rows(num_examples: int | None) -> tuple[int, ...]:
+    """The leading shape of the masks: () for one mask shared by the batch, (B,) for one per example."""
+    if num_examples is None:
+        return ()
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    return (num_examples,)
+
+
 def random_feature_masking(
-    num_fields: int, generator: torch.Generator | None = None
+    num_fields: int, generator: torch.Generator | None = None, num_examples: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Random feature masking (RFM, Yao et al., CIKM 2021, sec. 3.2): a random half of the fields per view.
 
@@ -78,13 +95,15 @@ def random_feature_masking(
     Args:
         num_fields: F >= 2.
         generator: source of randomness (CPU).
+        num_examples: B, to draw one pair of masks per example; ``None``: one pair for the batch.
 
     Returns:
-        Two complementary (F,) bool keep-masks.
+        Two complementary bool keep-masks, (F,) or (B, F).
     """
     _check_num_fields(num_fields)
-    masked = torch.randperm(num_fields, generator=generator)[: num_fields // 2]
-    return _complementary(num_fields, masked)
+    rows = _rows(num_examples)
+    order = torch.rand(*rows, num_fields, generator=generator).argsort(-1)  # (..., F) a random permutation
+    return _complementary(num_fields, order[..., : num_fields // 2])
 
 
 def correlated_group(mi: Tensor, seed: int) -> Tensor:
@@ -115,7 +134,9 @@ def _check_mi(mi: Tensor) -> int:
     return mi.shape[0]
 
 
-def correlated_feature_masking(mi: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def correlated_feature_masking(
+    mi: Tensor, generator: torch.Generator | None = None, num_examples: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Correlated feature masking (CFM, Yao et al., CIKM 2021, sec. 3.2).
 
     A seed field is drawn uniformly; it is masked in the first view together with the fields most
@@ -128,17 +149,19 @@ def correlated_feature_masking(mi: Tensor, generator: torch.Generator | None = N
         mi: (F, F) mutual information between fields, computed from the data
             (:func:`field_mutual_information`).
         generator: source of randomness (CPU).
+        num_examples: B, to draw one seed (and pair of masks) per example; ``None``: one for the batch.
 
     Returns:
-        Two complementary (F,) bool keep-masks.
+        Two complementary bool keep-masks, (F,) or (B, F).
     """
     num_fields = _check_mi(mi)
-    seed = int(torch.randint(num_fields, (), generator=generator))
-    return _complementary(num_fields, correlated_group(mi, seed))
+    groups = torch.stack([correlated_group(mi, seed) for seed in range(num_fields)])  # (F, F // 2)
+    seeds = torch.randint(num_fields, _rows(num_examples), generator=generator)  # () or (B,)
+    return _complementary(num_fields, groups[seeds])
 
 
 def feature_dropout(
-    num_fields: int, rate: float, generator: torch.Generator | None = None
+    num_fields: int, rate: float, generator: torch.Generator | None = None, num_examples: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """Feature dropout (FD): each view drops each field independently with probability ``rate``.
 
@@ -150,13 +173,14 @@ def feature_dropout(
         num_fields: F >= 1.
         rate: drop probability in [0, 1).
         generator: source of randomness (CPU).
+        num_examples: B, for one pair of masks per example; ``None``: one pair for the batch.
 
     Returns:
-        Two independent (F,) bool keep-masks.
+        Two independent bool keep-masks, (F,) or (B, F).
     """
     if num_fields < 1:
         raise ValueError(f"num_fields must be >= 1, got {num_fields}")
     if not 0 <= rate < 1:
         raise ValueError(f"rate must be in [0, 1), got {rate}")
-    keep = torch.rand(2, num_fields, generator=generator) >= rate  # (2, F)
+    keep = torch.rand(2, *_rows(num_examples), num_fields, generator=generator) >= rate  # (2, ..., F)
     return keep[0], keep[1]

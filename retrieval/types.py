@@ -372,6 +372,16 @@ class ItemSets:
         items = torch.cat([self.indices, other.indices])
         return ItemSets.from_pairs(users, items, self.num_users, self.num_items)
 
+    def restrict(self, keep_items: torch.Tensor) -> ItemSets:
+        """The same sets holding only the items where ``keep_items`` ((num_items,) bool) is true."""
+        if keep_items.dtype != torch.bool or keep_items.shape != (self.num_items,):
+            raise ValueError(
+                f"keep_items must be a ({self.num_items},) bool mask, "
+                f"got {tuple(keep_items.shape)} {keep_items.dtype}"
+            )
+        kept = keep_items.to(self.indices.device)[self.indices]  # (nnz,)
+        return ItemSets.from_pairs(self.row_ids()[kept], self.indices[kept], self.num_users, self.num_items)
+
     def row_ids(self) -> torch.Tensor:
         """(nnz,) int64: the user of each stored item (no host sync on a GPU)."""
         users = torch.arange(self.num_users, device=self.indptr.device)

@@ -12,7 +12,7 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader
 
-from recsys.data.features import FeatureTable, fit_feature_table
+from recsys.data.features import FeatureTable, fit_side_tables
 from recsys.data.registry import load_interactions
 from recsys.data.sampling import PairwiseBatches, UserBatches
 from recsys.data.splitters import Split
@@ -62,9 +62,26 @@ def item_sets(df: pl.DataFrame, num_users: int, num_items: int) -> ItemSets:
     return ItemSets.from_pairs(users, items, num_users, num_items)
 
 
-def _only_full_ranking(protocol: str) -> None:
-    if protocol:
-        raise ValueError(f"this datamodule has one evaluation protocol (full ranking), not {protocol!r}")
+def popularity_tail(train_items: torch.Tensor, num_items: int, share: float) -> torch.Tensor:
+    """(num_items,) bool: the long tail, the least popular items holding at most ``share`` of the positives.
+
+    Items are ranked by their number of training positives (ascending, ties by id) and cut into
+    buckets of equal interaction mass; the tail is the bottom ``share`` of that mass (e.g. 0.2: the
+    bottom two of ten equal-mass buckets). Items without training positives are in the tail.
+
+    Args:
+        train_items: (E,) int64 item of each training positive.
+        num_items: I.
+        share: in (0, 1).
+    """
+    if not 0 < share < 1:
+        raise ValueError(f"tail_share must be in (0, 1), got {share}")
+    counts = torch.bincount(train_items, minlength=num_items)  # (I,)
+    order = torch.sort(counts, stable=True).indices  # (I,) least popular first, ties by id
+    mass = torch.cumsum(counts[order], 0)  # (I,) positives held by the items up to each
+    tail = torch.zeros(num_items, dtype=torch.bool)
+    tail[order[mass <= share * train_items.numel()]] = True
+    return tail
 
 
 class InteractionDataModule(L.LightningDataModule):
@@ -101,6 +118,9 @@ class InteractionDataModule(L.LightningDataModule):
             (rows in this module's user ids) is then ``user_table``.
         item_features: the same for items (``item_table``).
         feature_ids: add each entity's id as one more field of both tables.
+        tail_share: optional share of the training positives that defines the long tail
+            (:func:`popularity_tail`); adds the evaluation protocol ``"tail"``: the same ranking
+            over all items, with only tail items as targets (users without one are skipped).
 
     After :meth:`setup`, ``user_ids`` / ``item_ids`` ((U,), (I,) int64) give the dataset's id of
     every (possibly compacted) user and item id, to join side information such as titles.
@@ -124,6 +144,7 @@ class InteractionDataModule(L.LightningDataModule):
         user_features: Mapping[str, str] | None = None,
         item_features: Mapping[str, str] | None = None,
         feature_ids: bool = False,
+        tail_share: float | None = None,
     ):
         super().__init__()
         self.dataset, self.splitter, self.filters = dataset, splitter, list(filters)
@@ -135,6 +156,8 @@ class InteractionDataModule(L.LightningDataModule):
         self.augmentation: Augmentation | None = None
         self.feature_specs = (user_features, item_features)
         self.feature_ids = feature_ids
+        self.tail_share = tail_share
+        self.tail_items: torch.Tensor | None = None  # (I,) bool, with tail_share
         self.user_table: FeatureTable | None = None
         self.item_table: FeatureTable | None = None
         self.split: Split | None = None
@@ -160,7 +183,19 @@ class InteractionDataModule(L.LightningDataModule):
         self.val_sets = item_sets(self.split.val, num_users, num_items)
         self.test_sets = item_sets(self.split.test, num_users, num_items)
         self._exclude = {"val": self.train_sets, "test": self.train_sets.union(self.val_sets)}
-        self._fit_feature_tables(data)
+        self._targets = {"val": self.val_sets, "test": self.test_sets}
+        if self.tail_share is not None:
+            self.tail_items = popularity_tail(self.train_pairs()[1], num_items, self.tail_share)
+            self._targets |= {(k, "tail"): v.restrict(self.tail_items) for k, v in self._targets.items()}
+            log.info(
+                "long tail (bottom %.0f%% of training positives): %d of %d items",
+                100 * self.tail_share,
+                int(self.tail_items.sum()),
+                num_items,
+            )
+        self.user_table, self.item_table = fit_side_tables(
+            data, self.feature_specs, (self.user_ids, self.item_ids), self.feature_ids
+        )
         if self.augmentation_path is not None:
             self.augmentation = Augmentation.load(self.augmentation_path)
             self.augmentation.check(
@@ -176,22 +211,6 @@ class InteractionDataModule(L.LightningDataModule):
             self.split.test.height,
         )
 
-    def _fit_feature_tables(self, data) -> None:
-        """``user_table`` / ``item_table`` from the dataset's side information, when specs are given."""
-        for kind, spec, frame, ids in (
-            ("user", self.feature_specs[0], data.user_features, self.user_ids),
-            ("item", self.feature_specs[1], data.item_features, self.item_ids),
-        ):
-            if spec is None:
-                continue
-            if frame is None:
-                raise ValueError(
-                    f"data.{kind}_features is set, but {self.dataset} has no {kind} side information"
-                )
-            table = fit_feature_table(frame, kind, dict(spec), ids.numel(), ids=ids, with_id=self.feature_ids)
-            setattr(self, f"{kind}_table", table)
-            log.info("%s features: %s", kind, dict(zip(table.names, table.vocab_sizes, strict=True)))
-
     def _check_count(self, key: str, expected: int | None, found: int) -> None:
         if expected is not None and expected != found:
             raise ValueError(
@@ -201,14 +220,25 @@ class InteractionDataModule(L.LightningDataModule):
 
     batch_kind = "pairwise"  # what train_dataloader yields (see recsys.lit.evaluation.check_batches)
 
+    def protocols(self) -> tuple[str, ...]:
+        """The evaluation protocols: full ranking (``""``), and ``"tail"`` with ``tail_share``."""
+        return ("",) if self.tail_share is None else ("", "tail")
+
+    def _check_protocol(self, protocol: str) -> None:
+        if protocol not in self.protocols():
+            hint = " (set data.tail_share for 'tail')" if protocol == "tail" else ""
+            raise ValueError(
+                f"unknown evaluation protocol {protocol!r}; this datamodule has {self.protocols()}{hint}"
+            )
+
     def targets(self, stage: str, protocol: str = "") -> ItemSets:
-        """Ground truth of ``stage`` ("val" or "test"); one protocol, full ranking (``""``)."""
-        _only_full_ranking(protocol)
-        return {"val": self.val_sets, "test": self.test_sets}[stage]
+        """Ground truth of ``stage`` ("val" or "test"); with ``"tail"``, only the tail items of it."""
+        self._check_protocol(protocol)
+        return self._targets[stage if not protocol else (stage, protocol)]
 
     def exclude(self, stage: str, protocol: str = "") -> ItemSets:
-        """Items never ranked at ``stage``: training items, plus validation items at test."""
-        _only_full_ranking(protocol)
+        """Items never ranked at ``stage``: training items, plus validation items at test (every protocol)."""
+        self._check_protocol(protocol)
         return self._exclude[stage]
 
     def train_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:

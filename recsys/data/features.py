@@ -305,6 +305,40 @@ def fit_feature_table(
     return FeatureTable(names, extractors, vocabularies, fields, {n: 0 for n in names})
 
 
+def fit_side_tables(
+    data,
+    specs: tuple[Mapping[str, str] | None, Mapping[str, str] | None],
+    ids: tuple[Tensor, Tensor],
+    with_id: bool = False,
+) -> tuple[FeatureTable | None, FeatureTable | None]:
+    """A datamodule's user and item tables from a dataset's side information.
+
+    Args:
+        data: the dataset (:func:`recsys.data.registry.load_interactions`), with ``name``,
+            ``user_features`` and ``item_features`` frames (``None`` where it has none).
+        specs: (user spec, item spec); ``None`` skips that side.
+        ids: ((U,), (I,)) int64 dataset id of each user and item row.
+        with_id: add the id field to both tables.
+
+    Raises:
+        ValueError: a spec for a side the dataset has no information about (or as in
+            :func:`fit_feature_table`).
+    """
+    tables = []
+    for kind, spec, frame, rows in zip(
+        ("user", "item"), specs, (data.user_features, data.item_features), ids, strict=True
+    ):
+        if spec is None:
+            tables.append(None)
+            continue
+        if frame is None:
+            raise ValueError(f"data.{kind}_features is set, but {data.name} has no {kind} side information")
+        table = fit_feature_table(frame, kind, dict(spec), rows.numel(), ids=rows, with_id=with_id)
+        log.info("%s features: %s", kind, dict(zip(table.names, table.vocab_sizes, strict=True)))
+        tables.append(table)
+    return tables[0], tables[1]
+
+
 def encode(table: FeatureTable, frame: pl.DataFrame, key: str) -> FeatureTable:
     """Encode new rows with ``table``'s fitted vocabularies (e.g. items added at serving time).
 

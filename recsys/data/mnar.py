@@ -23,7 +23,7 @@ for them uniformly at random (missing at random, MAR: ``split == "test"``). A cl
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from recsys.data.datamodule import item_sets
+from recsys.data.features import FeatureTable, fit_side_tables
 from recsys.data.registry import load_interactions
 from recsys.data.sampling import PairwiseBatches, PointwiseBatches, UserBatches
 from recsys.propensity import Propensity, check_clicked
@@ -73,6 +74,8 @@ class MNARDataModule(L.LightningDataModule):
         eval_batch_size: users per evaluation batch.
         num_negatives: negatives per BPR triple.
         seed: seed of the MAR split and of the batches.
+        user_features, item_features, feature_ids: side-information tables, as for
+            :class:`~recsys.data.datamodule.InteractionDataModule` (``user_table`` / ``item_table``).
     """
 
     def __init__(
@@ -91,6 +94,9 @@ class MNARDataModule(L.LightningDataModule):
         eval_batch_size: int = 1024,
         num_negatives: int = 1,
         seed: int = 2020,
+        user_features: Mapping[str, str] | None = None,
+        item_features: Mapping[str, str] | None = None,
+        feature_ids: bool = False,
     ):
         super().__init__()
         if not 0 < val_fraction < 1:
@@ -107,6 +113,9 @@ class MNARDataModule(L.LightningDataModule):
         self.num_negatives, self.seed = num_negatives, seed
         self.propensity: Propensity | None = None
         self.num_users = self.num_items = 0
+        self.feature_specs, self.feature_ids = (user_features, item_features), feature_ids
+        self.user_table: FeatureTable | None = None
+        self.item_table: FeatureTable | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.propensity is not None:
@@ -135,6 +144,9 @@ class MNARDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"data.{key}={self.expected[key]} in the config, but {self.dataset} has {found}"
                 )
+        self.user_table, self.item_table = fit_side_tables(
+            data, self.feature_specs, (self.user_ids, self.item_ids), self.feature_ids
+        )
         val, test = split_per_user(mar, self.val_fraction, self.seed)
         self.clicks = self._sets(self._clicked(mnar))
         self.rated = self._sets(mnar)

@@ -33,12 +33,12 @@ class TwoTowerRecommender(EvaluatedRecommender):
     .. math::
         \mathcal{L} = \mathcal{L}_{main} + \alpha \, \mathcal{L}_{self}
 
-    The views come from ``masking``: ``cfm`` (correlated feature masking, groups from the mutual
-    information of the item fields in the training data), ``rfm`` (random) or ``dropout`` (feature
-    dropout, ``dropout_rate``). The SSL items are the batch's (``ssl_items="batch"``, the main
-    task's popularity-skewed distribution) or drawn uniformly over the catalogue (``"uniform"``,
-    the paper's choice). The negatives in the datamodule's batches are not used: the batch's other
-    items are the negatives.
+    The views are drawn per example from ``masking``: ``cfm`` (correlated feature masking, groups
+    from the mutual information of the item fields in the training data), ``rfm`` (random) or
+    ``dropout`` (feature dropout, ``dropout_rate``). The SSL items are the batch's
+    (``ssl_items="batch"``, the main task's popularity-skewed distribution) or drawn uniformly
+    over the catalogue without replacement (``"uniform"``, the paper's choice). The negatives in
+    the datamodule's batches are not used: the batch's other items are the negatives.
 
     ``net`` is a partial of :class:`~recsys.models.two_tower.TwoTower` called at setup with the
     datamodule's field vocabularies (``user_table`` / ``item_table``); the feature ids of every
@@ -104,13 +104,13 @@ class TwoTowerRecommender(EvaluatedRecommender):
         self.register_buffer("item_mi", field_mutual_information(codes), persistent=False)
         self.generator.manual_seed(int(torch.initial_seed()) % (1 << 62))
 
-    def views(self, num_fields: int) -> tuple[Tensor, Tensor]:
-        """Two (F,) keep-masks of the item fields, by ``masking``."""
+    def views(self, num_fields: int, num_examples: int) -> tuple[Tensor, Tensor]:
+        """Two (B, F) keep-masks of the item fields, drawn per example by ``masking``."""
         if self.hparams.masking == "cfm":
-            return correlated_feature_masking(self.item_mi.cpu(), self.generator)
+            return correlated_feature_masking(self.item_mi.cpu(), self.generator, num_examples)
         if self.hparams.masking == "rfm":
-            return random_feature_masking(num_fields, self.generator)
-        return feature_dropout(num_fields, self.hparams.dropout_rate, self.generator)
+            return random_feature_masking(num_fields, self.generator, num_examples)
+        return feature_dropout(num_fields, self.hparams.dropout_rate, self.generator, num_examples)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         users, items = batch["users"], batch["pos"]  # (B,), (B,)
@@ -128,12 +128,20 @@ class TwoTowerRecommender(EvaluatedRecommender):
     def ssl_loss(self, items: Tensor) -> Tensor:
         """InfoNCE between two masked views of the SSL items (the batch's, or uniform ones): ()."""
         if self.hparams.ssl_items == "uniform":
-            items = torch.randint(self.net.features("item")[0].shape[0], items.shape, device=items.device)
+            items = self.uniform_items(items.numel(), items.device)
         fields = self.net.features("item", items)
-        keep_a, keep_b = (m.to(items.device) for m in self.views(len(fields)))
+        keep_a, keep_b = (m.to(items.device) for m in self.views(len(fields), items.numel()))
         view_a = self.net.encode_items(fields, keep_a)  # (B, d)
         view_b = self.net.encode_items(fields, keep_b)  # (B, d)
         return info_nce(view_a, view_b, self.hparams.ssl_temperature)
+
+    def uniform_items(self, count: int, device: torch.device) -> Tensor:
+        """(min(count, I),) distinct item ids drawn uniformly over the catalogue.
+
+        Distinct, because a repeated item would be its own negative in the InfoNCE.
+        """
+        num_items = self.net.features("item")[0].shape[0]
+        return torch.randperm(num_items, generator=self.generator)[:count].to(device)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(params=self.parameters())

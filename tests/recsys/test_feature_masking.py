@@ -132,3 +132,25 @@ def test_bad_input_raises_clearly() -> None:
         correlated_group(torch.zeros(4, 4), 4)
     with pytest.raises(ValueError, match="rate"):
         feature_dropout(4, 1.0)
+
+
+@pytest.mark.parametrize("num_fields", [2, 5, 8])
+def test_per_example_masks(num_fields: int) -> None:
+    """num_examples=B gives (B, F) masks: complementary per row, each row a valid view, rows differ."""
+    g = torch.Generator().manual_seed(3)
+    mi = field_mutual_information(torch.randint(4, (500, num_fields), generator=g))
+    groups = {tuple(sorted(correlated_group(mi, s).tolist())) for s in range(num_fields)}
+    for keep_a, keep_b in (
+        random_feature_masking(num_fields, g, num_examples=256),
+        correlated_feature_masking(mi, g, num_examples=256),
+    ):
+        assert keep_a.shape == keep_b.shape == (256, num_fields)
+        assert torch.equal(keep_a, ~keep_b)
+        assert (~keep_a).sum(1).eq(num_fields // 2).all()
+        assert len({tuple(row.tolist()) for row in keep_a}) > 1  # not one mask copied down the batch
+    _, keep_b = correlated_feature_masking(mi, g, num_examples=256)
+    assert {tuple(torch.nonzero(row).squeeze(1).tolist()) for row in keep_b} <= groups
+    a, b = feature_dropout(num_fields, 0.5, g, num_examples=256)
+    assert a.shape == b.shape == (256, num_fields) and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_examples"):
+        random_feature_masking(num_fields, g, num_examples=0)
