@@ -24,10 +24,15 @@ def command(args: list[str], log: Path) -> None:
 
 
 def train(out: Path, overrides: list[str]) -> dict:
-    """metrics.json of a finished ``recsys.train`` run in ``out`` (run it unless already there)."""
+    """metrics.json of a finished ``recsys.train`` run in ``out`` (run it unless already there).
+
+    An interrupted run (``checkpoints/last.ckpt`` but no metrics) resumes from its last epoch.
+    """
     if not (out / "metrics.json").exists():
         out.mkdir(parents=True, exist_ok=True)
-        args = ["recsys.train", *overrides, f"paths.output_dir={out}", f"hydra.run.dir={out}"]
+        last = out / "checkpoints" / "last.ckpt"
+        resume = [f"ckpt_path={last}"] if last.exists() else []
+        args = ["recsys.train", *overrides, *resume, f"paths.output_dir={out}", f"hydra.run.dir={out}"]
         command([*args, "trainer.enable_progress_bar=false"], out.parent / f"{out.name}.log")
     return json.loads((out / "metrics.json").read_text())
 

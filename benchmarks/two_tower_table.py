@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import platform
 import statistics
 import sys
@@ -33,6 +34,7 @@ from pathlib import Path
 from _bench import machine, publish  # noqa: E402
 from _runs import REPO, cell, train  # noqa: E402
 
+log = logging.getLogger("two_tower_table")
 EXPERIMENTS = {"none": "two_tower_ml1m", "rfm": "two_tower_ssl_rfm_ml1m", "cfm": "two_tower_ssl_cfm_ml1m"}
 COLUMNS = {
     "val NDCG@50": "val/ndcg@50",
@@ -52,6 +54,15 @@ def variants(alphas: list[float]) -> list[tuple[str, list[str]]]:
             name = f"{masking.upper()} α={alpha:g}"
             out.append((name, [f"+experiment={EXPERIMENTS[masking]}", f"model.ssl_weight={alpha}"]))
     return out
+
+
+def attempt(work: Path, name: str, overrides: list[str], seed: int, common: list[str]) -> str | None:
+    """Train one run (reused when finished); the error's text if it failed, so the others go on."""
+    try:
+        train(folder(work, name, seed), [*overrides, f"seed={seed}", *common])
+    except RuntimeError as err:
+        return str(err)
+    return None
 
 
 def folder(work: Path, name: str, seed: int) -> Path:
@@ -120,11 +131,9 @@ def main() -> None:
         order = [(n, o, s) for n, o in plan[:3] for s in args.seeds]
         order += [(n, o, s) for n, o in plan[3:] for s in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(
-                pool.map(
-                    lambda r: train(folder(work, r[0], r[2]), [*r[1], f"seed={r[2]}", *args.overrides]), order
-                )
-            )
+            failed = [e for e in pool.map(lambda r: attempt(work, *r, args.overrides), order) if e]
+        for error in failed:
+            log.error("%s", error)
     names = [n for n, _ in plan]
     now = dt.datetime.now()
     cmd = "python benchmarks/two_tower_table.py " + " ".join(sys.argv[1:])
