@@ -22,8 +22,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,37 @@ def load_info(path: str | Path) -> dict[str, Any]:
         for e, row in ckpt.get("callbacks", {}).get(RunInfo.__qualname__, {}).get("history", {}).items()
     }
     return info
+
+
+def rebuild(
+    info: Mapping[str, Any],
+    data_dir: str | Path | None = None,
+    evaluator: DictConfig | None = None,
+) -> tuple[DictConfig, L.LightningDataModule, L.LightningModule]:
+    """The data and (untrained) model of a checkpoint's run, from its stored training config.
+
+    Seeds everything with the run's seed first, as training did, so the datamodule's split and
+    the model's initial state are the run's. The weights are not loaded here (Lightning does it
+    with ``ckpt_path=...``, or :mod:`recsys.serving` after setup).
+
+    Args:
+        info: the checkpoint's ``sparrow`` entry (:func:`load_info`).
+        data_dir: read the dataset from here instead of the run's ``data.root``.
+        evaluator: a config that replaces the run's evaluator (e.g. other cut-offs).
+
+    Returns:
+        (training config, datamodule, LightningModule), none of them set up.
+    """
+    train_cfg = OmegaConf.create(dict(info["config"]))
+    with open_dict(train_cfg):
+        if evaluator is not None:
+            train_cfg.evaluator = evaluator
+        if data_dir is not None:
+            train_cfg.data.root = str(data_dir)
+    L.seed_everything(train_cfg.seed, workers=True)
+    datamodule = instantiate(train_cfg.data)
+    model = instantiate(train_cfg.model, evaluator=instantiate(train_cfg.evaluator))
+    return train_cfg, datamodule, model
 
 
 def check_compatible(path: str | Path, cfg: DictConfig) -> dict[str, Any]:

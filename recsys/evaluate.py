@@ -17,9 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from recsys import checkpoint
 from recsys.train import USER_ERRORS, ConfigError, entry_point, protocol_of
@@ -38,15 +37,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     if cfg.split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
     info = checkpoint.load_info(cfg.ckpt_path)
-    train_cfg = OmegaConf.create(info["config"])
-    with open_dict(train_cfg):
-        if cfg.get("evaluator") is not None:
-            train_cfg.evaluator = cfg.evaluator
-        if cfg.paths.data_dir is not None:
-            train_cfg.data.root = cfg.paths.data_dir
-    L.seed_everything(train_cfg.seed, workers=True)
-    datamodule = instantiate(train_cfg.data)
-    model = instantiate(train_cfg.model, evaluator=instantiate(train_cfg.evaluator))
+    train_cfg, datamodule, model = checkpoint.rebuild(info, cfg.paths.data_dir, cfg.get("evaluator"))
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
 
     start = time.perf_counter()
