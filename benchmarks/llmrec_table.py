@@ -2,7 +2,7 @@
 
     python benchmarks/llmrec_table.py --dataset ml100k                    # seeds 2020-2022, every variant
     python benchmarks/llmrec_table.py --dataset ml1m --variants llmrec --jobs 3 \
-        --base model.cuda_graph=true -- trainer.accelerator=gpu      # on a GPU
+        -- trainer.accelerator=gpu model.cuda_graph=true             # on a GPU: graphed steps
 
 Per seed, three commands, as a user runs them:
 

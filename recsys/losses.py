@@ -45,12 +45,14 @@ def l2_penalty(*embeddings: Tensor) -> Tensor:
 PRUNE_RULES = ("drop_high_loss", "keep_high_loss")
 
 
-def prune_by_loss(losses: Tensor, prune_rate: float, rule: str = "drop_high_loss") -> Tensor:
-    r"""The per-sample losses kept after pruning a fraction :math:`\omega` by loss (LLMRec, eq. 8).
+def prune_by_loss(
+    losses: Tensor, prune_rate: float, rule: str = "drop_high_loss", valid: Tensor | None = None
+) -> Tensor:
+    r"""Which samples are kept after pruning a fraction :math:`\omega` of them by loss (LLMRec, eq. 8).
 
     Wei et al., "LLMRec: Large Language Models with Graph Augmentation for Recommendation",
-    WSDM 2024, sec. 3.3.1 (noisy implicit feedback pruning): the samples are sorted by loss and
-    :math:`\lfloor N (1 - \omega) \rfloor` of them are kept,
+    WSDM 2024, sec. 3.3.1 (noisy implicit feedback pruning): the :math:`N` samples are sorted by
+    loss and :math:`\max(1, \lfloor N (1 - \omega) \rfloor)` of them are kept,
 
     .. math::
         \mathcal{K} = \mathrm{SortAscend}(\ell)[0 : N(1 - \omega)]
@@ -60,19 +62,29 @@ def prune_by_loss(losses: Tensor, prune_rate: float, rule: str = "drop_high_loss
     * ``keep_high_loss`` -- what the released code computes: it sorts :math:`\ln\sigma(\cdot)`, the
       negated loss, ascending, and so keeps the *highest* losses (with :math:`\omega = 0.71`).
 
+    Fixed shapes and no host synchronisation (a CUDA graph can replay it): the result is a mask,
+    and ``valid`` marks the samples that exist (:math:`N` = their count; none kept when 0).
+
     Args:
         losses: (N,) per-sample losses.
-        prune_rate: :math:`\omega \in [0, 1)`; 0 keeps every sample.
+        prune_rate: :math:`\omega \in [0, 1)`; 0 keeps every valid sample.
         rule: ``drop_high_loss`` or ``keep_high_loss``.
+        valid: (N,) bool, the samples that take part; ``None``: all.
 
     Returns:
-        (N',) the kept losses, in no particular order; at least one when ``N > 0``.
+        (N,) bool: the kept samples.
     """
     if rule not in PRUNE_RULES:
         raise ValueError(f"unknown prune rule {rule!r}; choose from {PRUNE_RULES}")
     if not 0 <= prune_rate < 1:
         raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
-    keep = max(1, int(losses.numel() * (1 - prune_rate)))
-    if keep >= losses.numel():
-        return losses
-    return torch.topk(losses, keep, largest=rule == "keep_high_loss", sorted=False).values
+    valid = torch.ones_like(losses, dtype=torch.bool) if valid is None else valid
+    if prune_rate == 0:
+        return valid
+    n_valid = valid.sum()  # () on the device
+    keep = torch.clamp(torch.floor(n_valid.double() * (1 - prune_rate)), min=1)  # () as Python's int()
+    highest = rule == "keep_high_loss"
+    key = losses.detach().masked_fill(~valid, -torch.inf if highest else torch.inf)  # invalid sort last
+    order = torch.argsort(key, descending=highest, stable=True)  # (N,)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return valid & (rank < keep)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from recsys.lit.pairwise import PairwiseRecommender
-from recsys.losses import PRUNE_RULES, l2_penalty, prune_by_loss
+from recsys.losses import PRUNE_RULES, prune_by_loss
 from recsys.models.llmrec import LLMRec
 from retrieval.eval.topk_evaluator import TopKEvaluator
 
@@ -48,8 +48,9 @@ class LLMRecRecommender(PairwiseRecommender):
 
     Args:
         net: an :class:`~recsys.models.llmrec.LLMRec`.
-        optimizer, evaluator, extra_evaluators, l2_weight, scheduler, compile: as
-            :class:`~recsys.lit.pairwise.PairwiseRecommender`.
+        optimizer, evaluator, extra_evaluators, l2_weight, scheduler, compile, cuda_graph: as
+            :class:`~recsys.lit.pairwise.PairwiseRecommender` (the step has fixed shapes and no
+            host sync, so ``cuda_graph=true`` replays it as one CUDA graph).
         augment_rate: fraction of the batch's users drawn for augmented pairs (0: none).
         prune_rate: :math:`\omega`, the fraction of the augmented pairs pruned per step (0: none).
         prune_rule: ``drop_high_loss`` (paper) or ``keep_high_loss`` (released code).
@@ -69,6 +70,7 @@ class LLMRecRecommender(PairwiseRecommender):
         prune_rate: float = 0.1,
         prune_rule: str = "drop_high_loss",
         mae_weight: float = 0.1,
+        cuda_graph: bool = False,
     ):
         if not isinstance(net, LLMRec):
             raise TypeError(f"LLMRecRecommender trains an LLMRec net, got {type(net).__name__}")
@@ -78,7 +80,9 @@ class LLMRecRecommender(PairwiseRecommender):
             raise ValueError(f"prune_rate must be in [0, 1), got {prune_rate}")
         if not 0 <= augment_rate <= 1:
             raise ValueError(f"augment_rate must be in [0, 1], got {augment_rate}")
-        super().__init__(net, optimizer, evaluator, extra_evaluators, l2_weight, scheduler, compile)
+        super().__init__(
+            net, optimizer, evaluator, extra_evaluators, l2_weight, scheduler, compile, cuda_graph
+        )
         self.register_buffer("pairs_of_user", torch.full((net.num_users, 2), -1), persistent=False)
 
     def setup(self, stage: str) -> None:
@@ -95,28 +99,43 @@ class LLMRecRecommender(PairwiseRecommender):
         self.net.set_features(augmentation.user_emb.to(device), augmentation.item_emb.to(device))
         self.pairs_of_user = pair_table(augmentation.pairs, self.net.num_users).to(device)
 
-    def augmented_pairs(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(users, liked, disliked), (A,) each: pairs of a random ``augment_rate`` of the batch's users."""
+    def augmented_pairs(self, users: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The LLM pairs of a random ``augment_rate`` of the batch's users, in fixed shapes.
+
+        Returns:
+            (users, liked, disliked, valid), (A,) each with ``A = int(augment_rate · B)``: users
+            without a pair have ``valid`` false (and item 0 as a placeholder). No host sync.
+        """
         n = int(self.hparams.augment_rate * users.numel())
-        drawn = users[torch.randperm(users.numel(), device=users.device)[:n]]  # (n,)
-        liked, disliked = self.pairs_of_user[drawn].unbind(1)  # (n,), (n,)
-        has = liked >= 0
-        return drawn[has], liked[has], disliked[has]
+        drawn = users[torch.rand(users.numel(), device=users.device).argsort()[:n]]  # (A,)
+        liked, disliked = self.pairs_of_user[drawn].unbind(1)  # (A,), (A,)
+        valid = liked >= 0
+        return drawn, liked.clamp(min=0), disliked.clamp(min=0), valid
 
     def _loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """One step's loss, with fixed shapes and no host sync (``cuda_graph=true`` can replay it)."""
         users, pos, neg = batch["users"], batch["pos"], batch["neg"]  # (B,), (B,), (B, n)
-        aug_users, liked, disliked = self.augmented_pairs(users)  # (A,) each
+        aug_users, liked, disliked, valid = self.augmented_pairs(users)  # (A,) each
         user_emb, item_emb, reconstruction = self.net.training_embeddings()  # (U, d), (I, d), ()
         items = torch.cat([pos.unsqueeze(1), neg], 1)  # (B, 1 + n)
         scores = (user_emb[users].unsqueeze(1) * item_emb[items]).sum(-1)  # (B, 1 + n)
-        observed = scores[:, :1] - scores[:, 1:]  # (B, n)
+        observed = F.softplus(scores[:, 1:] - scores[:, :1])  # (B, n) per-sample BPR
         ua = user_emb[aug_users]  # (A, d)
-        augmented = (ua * item_emb[liked]).sum(-1) - (ua * item_emb[disliked]).sum(-1)  # (A,)
-        rule, rate = self.hparams.prune_rule, self.hparams.prune_rate
-        kept = prune_by_loss(F.softplus(-augmented), rate, rule)  # (A',)
-        rank_loss = torch.cat([F.softplus(-observed).reshape(-1), kept]).mean()  # per-sample BPR
-        ego_u, ego_i = self.net.ego_embeddings(
-            torch.cat([users, aug_users]), torch.cat([items.reshape(-1), liked, disliked])
-        )
-        reg = l2_penalty(ego_u, ego_i)  # per (observed or augmented) triple
+        augmented = F.softplus((ua * item_emb[disliked]).sum(-1) - (ua * item_emb[liked]).sum(-1))  # (A,)
+        kept = prune_by_loss(augmented, self.hparams.prune_rate, self.hparams.prune_rule, valid)  # (A,)
+        kept = kept.to(augmented.dtype)
+        rank_loss = (observed.sum() + (augmented * kept).sum()) / (observed.numel() + kept.sum())
+        reg = self._l2(users, items, aug_users, liked, disliked, valid.to(augmented.dtype))
         return rank_loss + self.hparams.l2_weight * reg + self.hparams.mae_weight * reconstruction
+
+    def _l2(
+        self, users: Tensor, items: Tensor, aug_users: Tensor, liked: Tensor, disliked: Tensor, valid: Tensor
+    ):
+        """:func:`~recsys.losses.l2_penalty` over the observed triples and the valid augmented ones: ()."""
+        ego_u, ego_i = self.net.ego_embeddings(users, items)  # (B, d), (B, 1 + n, d)
+        aug_u, aug_i = self.net.ego_embeddings(
+            aug_users, torch.stack([liked, disliked], 1)
+        )  # (A, d), (A, 2, d)
+        squares = ego_u.pow(2).sum() + ego_i.pow(2).sum()
+        squares = squares + (valid * (aug_u.pow(2).sum(-1) + aug_i.pow(2).sum((1, 2)))).sum()
+        return squares / (2 * (users.numel() + valid.sum()))

@@ -9,23 +9,25 @@ from torch import Tensor, nn
 from recsys.models.lightgcn import LightGCN
 
 
-def scaled_cosine_error(x: Tensor, y: Tensor, gamma: float = 2.0) -> Tensor:
-    r"""GraphMAE's scaled cosine error (Hou et al., KDD 2022, eq. 3), the mean over rows.
+def scaled_cosine_error(x: Tensor, y: Tensor, gamma: float = 2.0, weights: Tensor | None = None) -> Tensor:
+    r"""GraphMAE's scaled cosine error (Hou et al., KDD 2022, eq. 3), the (weighted) mean over rows.
 
     .. math::
-        \mathcal{L}_{SCE} = \frac{1}{n} \sum_{i} \bigl(1 - \cos(x_i, y_i)\bigr)^{\gamma}
+        \mathcal{L}_{SCE} = \frac{\sum_{i} w_i \bigl(1 - \cos(x_i, y_i)\bigr)^{\gamma}}{\sum_i w_i}
 
     Args:
         x: (n, F) reconstructions.
         y: (n, F) targets.
         gamma: the sharpening exponent :math:`\gamma \ge 1`.
+        weights: (n,) row weights, e.g. 0/1 for rows that are no target; ``None``: all 1.
 
     Returns:
-        () loss; 0 for ``n = 0``.
+        () loss; 0 when there are no rows or the weights sum to 0.
     """
-    if x.shape[0] == 0:
-        return x.sum() * 0.0
-    return (1 - F.cosine_similarity(x, y, dim=-1)).pow(gamma).mean()
+    errors = (1 - F.cosine_similarity(x, y, dim=-1)).pow(gamma)  # (n,)
+    if weights is None:
+        weights = torch.ones_like(errors)
+    return (errors * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 class LLMRec(LightGCN):
@@ -151,10 +153,12 @@ class LLMRec(LightGCN):
             users, items = self.propagate()
             return users, items, users.new_zeros(())
         n_mask = int(self.mask_ratio * self.num_items)
-        masked = torch.randperm(self.num_items, device=self.item_features.device)[:n_mask]  # (M,)
+        draw = torch.rand(self.num_items, device=self.item_features.device)  # (I,)
+        masked = torch.topk(draw, n_mask, sorted=False).indices  # (M,) a uniform random subset
         features = self.item_features.index_put((masked,), self.mask_token.expand(n_mask, -1))  # (I, F)
         table, side = self._fused(features)
-        masked = masked[self.item_features[masked].abs().sum(1) > 0]  # items with text only
-        rebuilt = self.decoder(side[self.num_users + masked])  # (M', F)
-        loss = scaled_cosine_error(rebuilt, self.item_features[masked])
+        targets = self.item_features[masked]  # (M, F)
+        has_text = (targets.abs().sum(1) > 0).to(targets.dtype)  # (M,) items whose text fell back: 0
+        rebuilt = self.decoder(side[self.num_users + masked])  # (M, F)
+        loss = scaled_cosine_error(rebuilt, targets, weights=has_text)
         return table[: self.num_users], table[self.num_users :], loss
