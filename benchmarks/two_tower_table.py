@@ -46,11 +46,11 @@ COLUMNS = {
 }
 
 
-def variants(alphas: list[float]) -> list[tuple[str, list[str]]]:
-    """(name, overrides) in scheduling order: no SSL, then RFM and CFM alpha by alpha."""
+def variants(alphas: list[float], maskings: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, overrides) in scheduling order: no SSL, then the maskings alpha by alpha."""
     out = [("no SSL", [f"+experiment={EXPERIMENTS['none']}"])]
     for alpha in alphas:
-        for masking in ("rfm", "cfm"):
+        for masking in maskings:
             name = f"{masking.upper()} α={alpha:g}"
             out.append((name, [f"+experiment={EXPERIMENTS[masking]}", f"model.ssl_weight={alpha}"]))
     return out
@@ -119,6 +119,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     p.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.3, 1.0])
+    p.add_argument("--maskings", nargs="+", default=["rfm", "cfm"], choices=["rfm", "cfm"])
     p.add_argument("--jobs", type=int, default=1, help="training runs at once")
     p.add_argument("--work", type=Path, default=None, help="run folders (reused when present)")
     p.add_argument("--table-only", action="store_true", help="publish the finished runs, train nothing")
@@ -126,10 +127,11 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.accelerator=gpu")
     args = p.parse_args()
     work = (args.work or REPO / "outputs" / "two_tower_table").resolve()
-    plan = variants(args.alphas)
+    plan = variants(args.alphas, args.maskings)
     if not args.table_only:
-        order = [(n, o, s) for n, o in plan[:3] for s in args.seeds]
-        order += [(n, o, s) for n, o in plan[3:] for s in args.seeds]
+        first = 1 + len(args.maskings)  # no SSL and each masking at the first alpha
+        order = [(n, o, s) for n, o in plan[:first] for s in args.seeds]
+        order += [(n, o, s) for n, o in plan[first:] for s in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
             failed = [e for e in pool.map(lambda r: attempt(work, *r, args.overrides), order) if e]
         for error in failed:
