@@ -81,7 +81,8 @@ class Tower(nn.Module):
                     f"field {f}: expected a (B={batch}, L) integer tensor of ids, "
                     f"got shape {tuple(ids.shape)} {ids.dtype}"
                 )
-            if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+            # on a GPU this check would stall every step: ids there come from set_features' checked tables
+            if not ids.is_cuda and ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
                 raise ValueError(
                     f"field {f}: ids must be in [0, {vocab}), got [{ids.min().item()}, {ids.max().item()}]"
                 )
@@ -177,7 +178,11 @@ class TwoTower(nn.Module):
             user_fields: one (U, L_f) int64 tensor per query field.
             item_fields: one (I, L_f) int64 tensor per item field.
         """
-        for prefix, fields in (("user", user_fields), ("item", item_fields)):
+        for prefix, fields, tower in (
+            ("user", user_fields, self.query_tower),
+            ("item", item_fields, self.item_tower),
+        ):
+            tower._check([ids.cpu() for ids in fields], None)  # ranges checked once, on the host
             for f, ids in enumerate(fields):
                 self.register_buffer(f"{prefix}_field_{f}", ids, persistent=False)
         self._counts = (len(user_fields), len(item_fields))
@@ -355,6 +360,7 @@ class StreamingFrequency(nn.Module):
         self.register_buffer("last_seen", torch.zeros(num_hashes, num_buckets, dtype=torch.int64))  # A
         self.register_buffer("gap", torch.zeros(num_hashes, num_buckets, dtype=torch.float64))  # B
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self._host_step: int | None = 0  # the step buffer's value, kept on the host
 
     def _buckets(self, item_ids: Tensor) -> Tensor:
         """(K, N) bucket of each id under each of the K hash functions."""
@@ -369,15 +375,22 @@ class StreamingFrequency(nn.Module):
             item_ids: (N,) int64 ids of the items in the batch (duplicates count once).
             step: the training step, >= 1 and strictly increasing from call to call.
         """
-        if step <= self.step.item():
-            raise ValueError(f"step must increase from call to call: got {step} after {self.step.item()}")
+        if self._host_step is None:
+            self._host_step = int(self.step)  # one read after construction or loading, not per step
+        if step <= self._host_step:
+            raise ValueError(f"step must increase from call to call: got {step} after {self._host_step}")
+        self._host_step = step
         self.step.fill_(step)
-        for k, buckets in enumerate(self._buckets(item_ids)):
-            b = torch.unique(buckets)  # (M,)
-            interval = (step - self.last_seen[k, b]).double()  # (M,)
+        for k, b in enumerate(self._buckets(item_ids)):  # b: (N,) buckets, duplicates included
+            interval = (step - self.last_seen[k, b]).double()  # (N,)
             old = self.gap[k, b]
+            # a duplicate writes the same value twice (both computed from the same old state)
             self.gap[k, b] = torch.where(old > 0, (1 - self.alpha) * old + self.alpha * interval, interval)
             self.last_seen[k, b] = step
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_step = None  # re-read the loaded step
 
     def log_probability(self, item_ids: Tensor) -> Tensor:
         """(N,) float32 estimated log probability that each item appears in a batch (<= 0)."""

@@ -164,6 +164,10 @@ def test_streaming_frequency_hashing_and_state() -> None:
     )
     with pytest.raises(ValueError, match="step must increase"):
         freq.update(torch.tensor([3]), step=6)
+    with pytest.raises(ValueError, match="got 5 after 6"):  # the loaded state's step, not 0
+        restored.update(torch.tensor([3]), step=5)
+    restored.update(torch.tensor([3, 3]), step=8)  # 0.5 * 3 + 0.5 * 2 = 2.5, whatever the duplicates
+    assert restored.log_probability(torch.tensor([3])).item() == pytest.approx(-math.log(2.5))
     # collisions only overestimate: with one bucket every item shares item 0's short gap
     shared = StreamingFrequency(num_buckets=1, alpha=1.0)
     for step in range(1, 5):
@@ -239,6 +243,9 @@ def test_bad_input_raises_clearly() -> None:
         info_nce(torch.eye(2), torch.eye(2), 0.0)
     with pytest.raises(ValueError, match="alpha"):
         StreamingFrequency(alpha=0.0)
+    net = TwoTower(VOCABS, VOCABS, embedding_dim=4, hidden_dims=[], output_dim=4)
+    with pytest.raises(ValueError, match=r"field 2: ids must be in \[0, 11\)"):  # once, any device
+        net.set_features(fields, [fields[0], fields[1], fields[2] + 11])
 
 
 def test_full_ranking_from_stored_features() -> None:
