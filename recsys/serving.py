@@ -376,14 +376,12 @@ def _excluded(exclude: ItemSets, users: torch.Tensor, items: torch.Tensor) -> to
         users: (B,) int64 user ids.
         items: (B, n) int64 item ids; ``-1`` is never excluded.
     """
-    starts, lengths = exclude.indptr[users], exclude.sizes()[users]  # (B,), (B,)
-    row = torch.repeat_interleave(torch.arange(users.numel()), lengths)  # (E,) batch row of each pair
-    offset = torch.arange(row.numel()) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    row, excluded = exclude.rows(users)  # (E,), (E,): the users' sets as (position in users, item)
     n = exclude.num_items
-    keys = row * n + exclude.indices[starts[row] + offset]  # (E,) ascending: by row, then item
-    query = torch.arange(users.numel()).unsqueeze(1) * n + items.clamp(min=0)  # (B, n)
+    keys = row * n + excluded  # (E,) ascending: by row, then item
     if keys.numel() == 0:
         return torch.zeros(items.shape, dtype=torch.bool)
+    query = torch.arange(users.numel()).unsqueeze(1) * n + items.clamp(min=0)  # (B, n)
     pos = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)  # (B, n)
     return (keys[pos] == query) & (items >= 0)
 
