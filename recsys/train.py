@@ -58,7 +58,7 @@ def check_model_config(cfg: DictConfig) -> None:
 def protocol_of(cfg: DictConfig) -> dict[str, object]:
     """The evaluation protocol in words, for the report."""
     compat = list(cfg.evaluator.get("compat", []))
-    data = _mnar_protocol(cfg.data) if "propensity" in cfg.data else _split_protocol(cfg.data)
+    data = _data_protocol(cfg.data)
     return {
         "dataset": cfg.data.dataset,
         **data,
@@ -74,6 +74,30 @@ def _args(node: DictConfig) -> str:
     return (
         f"{node._target_.rsplit('.', 1)[-1]} { ({k: v for k, v in node.items() if not k.startswith('_')}) }"
     )
+
+
+def _data_protocol(data: DictConfig) -> dict[str, object]:
+    if "propensity" in data:
+        return _mnar_protocol(data)
+    if "max_len" in data:
+        return _sequence_protocol(data)
+    return _split_protocol(data)
+
+
+def _sequence_protocol(data: DictConfig) -> dict[str, object]:
+    split = (
+        "leave-one-out per sequence (last item test, second-to-last validation)"
+        if data.split == "leave_one_out"
+        else f"whole sessions by start time: last {data.test_share:g} test, the {data.val_share:g} before "
+        "validation; every prefix of an evaluated session predicts its next item"
+    )
+    return {
+        "split": split,
+        "sequences": f"chronological, last {data.max_len} items kept, left-padded",
+        "cold items": f"{data.cold_share:g} of the items (seed {data.seed}) removed from training; "
+        "test/cold/: test rows whose target is one of them",
+        "candidates": "all items; the history is not masked (sequential convention); one target per row",
+    }
 
 
 def _split_protocol(data: DictConfig) -> dict[str, object]:

@@ -65,13 +65,14 @@ class EvaluatedRecommender(L.LightningModule):
             for name, values in result.metrics.items():
                 self._per_user[prefix + name].append(values.detach().cpu())
 
-    def _sets_on_device(self, stage: str, protocol: str) -> tuple[ItemSets, ItemSets]:
+    def _sets_on_device(self, stage: str, protocol: str) -> tuple[ItemSets, ItemSets | None]:
         """The (targets, exclude) of a stage and protocol on ``self.device``, moved once per epoch."""
         if (stage, protocol) not in self._eval_sets:
             dm = self.trainer.datamodule
+            exclude = dm.exclude(stage, protocol)  # None: nothing masked (sequential protocols)
             self._eval_sets[stage, protocol] = (
                 dm.targets(stage, protocol).to(self.device),
-                dm.exclude(stage, protocol).to(self.device),
+                exclude.to(self.device) if exclude is not None else None,
             )
         return self._eval_sets[stage, protocol]
 

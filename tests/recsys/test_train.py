@@ -32,7 +32,12 @@ def test_experiment_composes(experiment: str, tmp_path: Path) -> None:
         assert cfg.model.net.num_items == cfg.data.num_items
 
 
-DATA_FOR = {"relmf": "coat", "two_tower": "ml100k_features"}  # pointwise models: pointwise batches;
+DATA_FOR = {
+    "relmf": "coat",
+    "two_tower": "ml100k_features",
+    "sasrec": "seq_ml100k",
+    "m2trec": "seq_ml100k",
+}  # pointwise models: pointwise batches;
 # feature models: a data config with features
 # models that need recsys.augment's file: here they must refuse to train without it (they are
 # trained end to end, augmentation included, in tests/recsys/test_augment.py)
@@ -55,7 +60,9 @@ def test_model_config_trains_a_few_epochs(model: str, shared_data: Path, tmp_pat
         for key in ("ndcg@10", "recall@10", "ndcg@20", "recall@20"):
             assert 0.0 < metrics[stage][f"{stage}/{key}"] <= 1.0
     report = (tmp_path / "report.md").read_text()
-    split = {"coat": "MAR items split"}.get(data, "random_split")  # how each data config's split is reported
+    split = {"coat": "MAR items split", "seq_ml100k": "leave-one-out"}.get(
+        data, "random_split"
+    )  # how each data config's split is reported
     assert "ndcg@10" in report and split in report
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"]["test"]["test/ndcg@10"] == metrics["test"]["test/ndcg@10"]
