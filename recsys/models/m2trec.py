@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recsys.models.sasrec import CausalEncoder, next_item_loss, shift
-from retrieval.eval.topk import topk_with_id_ties
+from recsys.models.sasrec import CausalEncoder, NextItemScoring, next_item_loss, shift
 
 PAD = -1  # left padding, as recsys.data.sequences
 
@@ -104,7 +103,7 @@ class MetadataEncoder(nn.Module):
         return out + self.ids(ids) if self.ids is not None else out
 
 
-class M2TRec(nn.Module):
+class M2TRec(NextItemScoring, nn.Module):
     r"""M2TRec (Shalaby et al., RecSys 2022).
 
     Shalaby, Oh, Afsharinejad, Kumar, Cui. "M2TRec: Metadata-aware Multi-task Transformer for
@@ -249,36 +248,6 @@ class M2TRec(nn.Module):
             return z
         count = real.cumsum(1).clamp(min=1).unsqueeze(-1).to(z.dtype)  # (B, L, 1) real items so far
         return z.cumsum(1) / count  # (B, L, d); leading padding stays zero
-
-    def score_histories(self, histories: Tensor) -> Tensor:
-        """Scores of every item as the next one after each history.
-
-        Args:
-            histories: (N, L) int64 item ids, left-padded with ``PAD``; only the last ``max_len`` columns
-                are read.
-
-        Returns:
-            (N, I) scores; an all-padding history scores every item 0.
-        """
-        h = self.hidden(histories[:, -self.max_len :])[:, -1]  # (N, d): the last column, left padding
-        return h @ self.item_vectors().T
-
-    @torch.no_grad()
-    def recommend(self, histories: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
-        """The top-``k`` next items for each history, best first, ties broken by lower item id.
-
-        Args:
-            histories: (N, L) int64 item ids, left-padded with ``PAD``.
-            k: number of items.
-            exclude: optional (N, I) bool mask of items never to recommend.
-
-        Returns:
-            (N, k) int64 item ids; ``-1`` pads a row with fewer than ``k`` candidates.
-        """
-        scores = self.score_histories(histories)  # (N, I)
-        if exclude is not None:
-            scores = scores.masked_fill(exclude, float("-inf"))
-        return topk_with_id_ties(scores.float(), k)[1]
 
     def losses(self, items: Tensor, categories: Tensor, num_negatives: int = 0) -> dict[str, Tensor]:
         """The two task losses of a training batch, each averaged over the valid positions.

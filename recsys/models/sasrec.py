@@ -222,7 +222,42 @@ class CausalEncoder(nn.Module):
         return self.norm(x) * real.unsqueeze(-1).to(x.dtype)  # (B, L, d)
 
 
-class SASRec(nn.Module):
+class NextItemScoring:
+    """``score_histories`` and ``recommend`` for a net with ``hidden(items)``, ``item_vectors()`` and
+    ``max_len`` (SASRec, M2TRec): the next item after a history is scored by the last hidden state."""
+
+    def score_histories(self, histories: Tensor) -> Tensor:
+        """Scores of every item as the next one after each history.
+
+        Args:
+            histories: (N, L) int64 item ids, left-padded with ``PAD``; only the last ``max_len`` columns
+                are read.
+
+        Returns:
+            (N, I) scores; an all-padding history scores every item 0.
+        """
+        h = self.hidden(histories[:, -self.max_len :])[:, -1]  # (N, d): the last column, left padding
+        return h @ self.item_vectors().T
+
+    @torch.no_grad()
+    def recommend(self, histories: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
+        """The top-``k`` next items for each history, best first, ties broken by lower item id.
+
+        Args:
+            histories: (N, L) int64 item ids, left-padded with ``PAD``.
+            k: number of items.
+            exclude: optional (N, I) bool mask of items never to recommend.
+
+        Returns:
+            (N, k) int64 item ids; ``-1`` pads a row with fewer than ``k`` candidates.
+        """
+        scores = self.score_histories(histories)  # (N, I)
+        if exclude is not None:
+            scores = scores.masked_fill(exclude, float("-inf"))
+        return topk_with_id_ties(scores.float(), k)[1]
+
+
+class SASRec(NextItemScoring, nn.Module):
     r"""SASRec (Kang & McAuley, ICDM 2018).
 
     Kang, McAuley. "Self-Attentive Sequential Recommendation". ICDM 2018.
@@ -270,13 +305,13 @@ class SASRec(nn.Module):
             self.item.weight[num_items].zero_()
         self.encoder = CausalEncoder(max_len, embedding_dim, num_blocks, num_heads, dropout)
 
-    def item_embeddings(self) -> Tensor:
+    def item_vectors(self) -> Tensor:
         """(I, d) item vectors :math:`e_i` (the padding row left out)."""
         return self.item.weight[: self.num_items]
 
     def _encode_items(self, ids: Tensor | None) -> Tensor:
         """(n, d) vectors of ``ids`` (n,), or all (I, d) for ``None``."""
-        return self.item_embeddings() if ids is None else self.item(ids)
+        return self.item_vectors() if ids is None else self.item(ids)
 
     def hidden(self, items: Tensor) -> Tensor:
         """Hidden states of a batch of sequences.
@@ -290,36 +325,6 @@ class SASRec(nn.Module):
         real = items != PAD  # (B, L)
         x = self.item(items.masked_fill(~real, self.num_items)) * math.sqrt(self.embedding_dim)  # (B, L, d)
         return self.encoder(x, real)
-
-    def score_histories(self, histories: Tensor) -> Tensor:
-        """Scores of every item as the next one after each history.
-
-        Args:
-            histories: (N, L) int64 item ids, left-padded with ``PAD``; only the last ``max_len`` columns
-                are read.
-
-        Returns:
-            (N, I) scores; an all-padding history scores every item 0.
-        """
-        h = self.hidden(histories[:, -self.max_len :])[:, -1]  # (N, d): the last column, left padding
-        return h @ self.item_embeddings().T
-
-    @torch.no_grad()
-    def recommend(self, histories: Tensor, k: int, exclude: Tensor | None = None) -> Tensor:
-        """The top-``k`` next items for each history, best first, ties broken by lower item id.
-
-        Args:
-            histories: (N, L) int64 item ids, left-padded with ``PAD``.
-            k: number of items.
-            exclude: optional (N, I) bool mask of items never to recommend.
-
-        Returns:
-            (N, k) int64 item ids; ``-1`` pads a row with fewer than ``k`` candidates.
-        """
-        scores = self.score_histories(histories)  # (N, I)
-        if exclude is not None:
-            scores = scores.masked_fill(exclude, float("-inf"))
-        return topk_with_id_ties(scores.float(), k)[1]
 
     def loss(self, items: Tensor, num_negatives: int = 0) -> Tensor:
         r"""Next-item loss of a training batch, averaged over the valid positions.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +11,10 @@ import pytest
 import torch
 
 import recsys.llm.augment
-from recsys.data.diginetica import SessionData
 from recsys.data.registry import load_interactions, load_sessions
 from recsys.data.sequences import PAD, SequenceDataModule, count_collisions, left_pad, movielens_metadata
 from recsys.data.tables import InteractionData
+from tests.recsys.helpers import sessions_like
 
 
 def fake_encode(texts: Sequence[str]) -> torch.Tensor:
@@ -76,35 +75,6 @@ def ml_like(events: list[tuple[int, int, int]], features: dict[str, list]) -> In
         item_features=pl.DataFrame(
             {"item": range(n_items), **features},
             schema_overrides={"genres": pl.List(pl.Utf8), "year": pl.Int32},
-        ),
-    )
-
-
-def sessions_like(events: list[tuple[int, int, int, int]], categories: list[int | None]) -> SessionData:
-    """Synthetic sessions: (session, item, time, day) rows in the given order."""
-    sessions, items, times, days = (list(c) for c in zip(*events, strict=True))
-    n_sessions, n_items = max(sessions) + 1, len(categories)
-    ev = pl.DataFrame(
-        {
-            "session": sessions,
-            "item": items,
-            "user": [None] * len(items),
-            "time": times,
-            "date": [dt.date(2016, 1, 1) + dt.timedelta(days=d) for d in days],
-        },
-        schema_overrides={"user": pl.Int64},
-    )
-    return SessionData(
-        name="synthetic-sessions",
-        events=ev,
-        num_sessions=n_sessions,
-        num_items=n_items,
-        session_map=pl.DataFrame(
-            {"raw_id": [str(s) for s in range(n_sessions)], "session": range(n_sessions)}
-        ),
-        item_map=pl.DataFrame({"raw_id": [str(i) for i in range(n_items)], "item": range(n_items)}),
-        item_features=pl.DataFrame(
-            {"item": range(n_items), "category": categories}, schema_overrides={"category": pl.Int64}
         ),
     )
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from functools import partial
 
 import lightning as L
-import polars as pl
 import pytest
 import torch
 
@@ -16,6 +14,7 @@ from recsys.lit.sequential import SequentialRecommender
 from recsys.models.m2trec import M2TRec
 from recsys.models.sasrec import SASRec
 from retrieval.eval.topk_evaluator import TopKEvaluator
+from tests.recsys.helpers import sessions_like
 
 NUM_ITEMS, NUM_SESSIONS, LENGTH = 120, 600, 6
 
@@ -34,31 +33,7 @@ def category_walks() -> SessionData:
         for t in range(LENGTH):
             item = 2 * ((c + t) % categories) + int(torch.randint(2, (1,), generator=g))
             rows.append((s, item, 1000 * t, s * 30 // NUM_SESSIONS))
-    sessions, items, times, days = (list(c) for c in zip(*rows, strict=True))
-    events = pl.DataFrame(
-        {
-            "session": sessions,
-            "item": items,
-            "user": [None] * len(items),
-            "time": times,
-            "date": [dt.date(2016, 1, 1) + dt.timedelta(days=d) for d in days],
-        },
-        schema_overrides={"user": pl.Int64},
-    )
-    return SessionData(
-        name="category-walks",
-        events=events,
-        num_sessions=NUM_SESSIONS,
-        num_items=NUM_ITEMS,
-        session_map=pl.DataFrame(
-            {"raw_id": [str(s) for s in range(NUM_SESSIONS)], "session": range(NUM_SESSIONS)}
-        ),
-        item_map=pl.DataFrame({"raw_id": [str(i) for i in range(NUM_ITEMS)], "item": range(NUM_ITEMS)}),
-        item_features=pl.DataFrame(
-            {"item": range(NUM_ITEMS), "category": [i // 2 for i in range(NUM_ITEMS)]},
-            schema_overrides={"category": pl.Int64},
-        ),
-    )
+    return sessions_like(rows, [i // 2 for i in range(NUM_ITEMS)])
 
 
 def fit_and_test(net, tmp_path, category_weight: float = 0.0) -> dict[str, float]:

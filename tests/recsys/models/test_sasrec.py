@@ -29,7 +29,7 @@ def test_shapes() -> None:
     net = _model()
     items = _cycles(3, 6)
     assert net.hidden(items).shape == (3, 6, D)
-    assert net.item_embeddings().shape == (N_ITEMS, D)
+    assert net.item_vectors().shape == (N_ITEMS, D)
     assert net.score_histories(items).shape == (3, N_ITEMS)
     top = net.recommend(items, 3)
     assert top.shape == (3, 3) and top.dtype == torch.int64
@@ -95,7 +95,7 @@ def test_full_softmax_loss_by_hand() -> None:
     net = _model()
     items = torch.tensor([[PAD, PAD, 1, 2, 3], [4, 5, 6, 0, 1]])
     hidden = net.hidden(items[:, :-1])  # (2, 4, D)
-    logits = hidden @ net.item_embeddings().T  # (2, 4, I)
+    logits = hidden @ net.item_vectors().T  # (2, 4, I)
     rows = [(0, 2, 2), (0, 3, 3), (1, 0, 5), (1, 1, 6), (1, 2, 0), (1, 3, 1)]  # (b, t, target)
     expected = F.cross_entropy(
         torch.stack([logits[b, t] for b, t, _ in rows]), torch.tensor([y for *_, y in rows])
