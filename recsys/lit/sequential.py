@@ -15,9 +15,11 @@ class SequentialRecommender(EvaluatedRecommender):
     r"""Trains a sequence model to predict each next item; ranks every item for each history.
 
     The training batches are left-padded rows of item ids (``{"items": (B, L + 1)}``, see
-    :class:`~recsys.data.sequences.SequenceDataModule`); the net's ``losses`` gives the next-item
+    :class:`~recsys.data.sequences.SequenceDataModule`); the net's loss gives the next-item
     loss (full softmax, or sampled softmax with ``sampled_negatives`` uniform negatives) and, for a
-    metadata-aware net (``uses_metadata``), the next item's category loss. The objective is
+    metadata-aware net (``uses_metadata``), the next item's category loss. Items the datamodule
+    holds out as cold start are not in the training catalogue: never a negative, so the model
+    learns nothing about them (as for items that arrive after training). The objective is
 
     .. math::
         \mathcal{L} = \mathcal{L}_{item} + w_{cat} \, \mathcal{L}_{cat}
@@ -75,6 +77,9 @@ class SequentialRecommender(EvaluatedRecommender):
         dm = self.trainer.datamodule
         if self.net is not None:
             return
+        known = torch.ones(dm.num_items, dtype=torch.bool)
+        known[dm.cold_items] = False  # held-out items are not in the training catalogue
+        self.register_buffer("known", known, persistent=False)  # (I,)
         kwargs = {"num_items": dm.num_items, "max_len": dm.max_len}
         if self.uses_metadata:
             meta = dm.metadata
@@ -94,11 +99,12 @@ class SequentialRecommender(EvaluatedRecommender):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         items = batch["items"]  # (B, L + 1)
         if self.uses_metadata:
-            losses = self.net.losses(items, self.categories, num_negatives=self.hparams.sampled_negatives)
+            negatives = self.hparams.sampled_negatives
+            losses = self.net.losses(items, self.categories, num_negatives=negatives, known=self.known)
             loss = losses["item"] + self.hparams.category_weight * losses["category"]
             self._accumulate_parts(losses, items.shape[0], batch_idx)
         else:
-            loss = self.net.loss(items, num_negatives=self.hparams.sampled_negatives)
+            loss = self.net.loss(items, num_negatives=self.hparams.sampled_negatives, known=self.known)
         self._accumulate_loss(loss.detach(), items.shape[0], batch_idx)
         return loss
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recsys.models.sasrec import CausalEncoder, NextItemScoring, next_item_loss, shift
+from recsys.models.sasrec import CausalEncoder, NextItemScoring, every_item, next_item_loss, shift
 
 PAD = -1  # left padding, as recsys.data.sequences
 
@@ -249,22 +249,27 @@ class M2TRec(NextItemScoring, nn.Module):
         count = real.cumsum(1).clamp(min=1).unsqueeze(-1).to(z.dtype)  # (B, L, 1) real items so far
         return z.cumsum(1) / count  # (B, L, d); leading padding stays zero
 
-    def losses(self, items: Tensor, categories: Tensor, num_negatives: int = 0) -> dict[str, Tensor]:
+    def losses(
+        self, items: Tensor, categories: Tensor, num_negatives: int = 0, known: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """The two task losses of a training batch, each averaged over the valid positions.
 
         Args:
             items: (B, L+1) int64 item ids, left-padded with ``PAD``: inputs ``items[:, :-1]``, targets
                 ``items[:, 1:]``; a position counts when both are real items.
             categories: (I, C) category labels of every item (multi-hot; bool, int or float).
-            num_negatives: 0 for the full softmax over all items, else K shared uniform negatives
+            num_negatives: 0 for the full softmax over the known items, else K shared uniform negatives
                 (:func:`recsys.models.sasrec.next_item_loss`).
+            known: (I,) bool, the items in the training catalogue (default: all): cold-start items are
+                no negatives.
 
         Returns:
             ``{"item": (), "category": ()}``: :math:`\\mathcal{L}_{item}` and :math:`\\mathcal{L}_{cat}`.
         """
         inputs, targets = shift(items)  # (B, L), (B, L)
         hidden = self.hidden(inputs)  # (B, L, d)
-        item = next_item_loss(hidden, targets, self.encode_items, self.num_items, num_negatives)
+        known = every_item(self.num_items, items.device) if known is None else known
+        item = next_item_loss(hidden, targets, self.encode_items, known, num_negatives)
         valid = targets != PAD  # (B, L)
         h, y = hidden[valid], targets[valid]  # (N, d), (N,)
         if y.numel() == 0:

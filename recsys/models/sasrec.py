@@ -29,8 +29,8 @@ def shift(items: Tensor) -> tuple[Tensor, Tensor]:
     return inputs, targets.masked_fill(inputs == PAD, PAD)
 
 
-def softmax_loss(hidden: Tensor, item_table: Tensor, targets: Tensor) -> Tensor:
-    r"""Full-softmax cross-entropy of the next item over the whole catalogue.
+def softmax_loss(hidden: Tensor, item_table: Tensor, targets: Tensor, known: Tensor | None = None) -> Tensor:
+    r"""Full-softmax cross-entropy of the next item over the training catalogue.
 
     Klenitskiy, Vasilev. "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?".
     RecSys 2023. https://arxiv.org/abs/2309.07602 (SASRec trained with this loss instead of the
@@ -38,17 +38,24 @@ def softmax_loss(hidden: Tensor, item_table: Tensor, targets: Tensor) -> Tensor:
 
     .. math::
         \mathcal{L} = -\frac{1}{N} \sum_{n} \log
-            \frac{\exp(h_n^\top e_{y_n})}{\sum_{j=1}^{I} \exp(h_n^\top e_j)}
+            \frac{\exp(h_n^\top e_{y_n})}{\sum_{j \in \mathcal{K}} \exp(h_n^\top e_j)}
+
+    with :math:`\mathcal{K}` the items known at training time (all of them by default; items held out
+    as cold start are not in the catalogue a deployed model trains against, so they are no negatives).
 
     Args:
         hidden: (N, d) hidden states :math:`h_n` of the valid positions.
         item_table: (I, d) item vectors :math:`e_j`.
-        targets: (N,) int64 next items :math:`y_n`.
+        targets: (N,) int64 next items :math:`y_n`, all in :math:`\mathcal{K}`.
+        known: (I,) bool :math:`\mathcal{K}`, or None for every item.
 
     Returns:
         () mean loss.
     """
-    return F.cross_entropy(hidden @ item_table.T, targets)  # logits (N, I)
+    logits = hidden @ item_table.T  # (N, I)
+    if known is not None:
+        logits = logits.masked_fill(~known, float("-inf"))
+    return F.cross_entropy(logits, targets)
 
 
 def sampled_softmax_loss(
@@ -89,7 +96,7 @@ def next_item_loss(
     hidden: Tensor,
     targets: Tensor,
     encode_items: Callable[[Tensor | None], Tensor],
-    num_items: int,
+    known: Tensor,
     num_negatives: int = 0,
 ) -> Tensor:
     """Next-item loss over the valid positions: :func:`softmax_loss` or :func:`sampled_softmax_loss`.
@@ -98,9 +105,10 @@ def next_item_loss(
         hidden: (B, L, d) hidden states.
         targets: (B, L) int64 next items, ``PAD`` where the position does not count (see :func:`shift`).
         encode_items: maps (n,) item ids to (n, d) item vectors, and ``None`` to all (I, d) vectors.
-        num_items: I.
-        num_negatives: 0 for the full softmax, else K uniform negatives drawn (with replacement, from the
-            global RNG) once per call and shared by every position.
+        known: (I,) bool, the items known at training time: the softmax's catalogue and the pool the
+            negatives are drawn from (cold-start items are left out).
+        num_negatives: 0 for the full softmax, else K negatives drawn uniformly from the known items (with
+            replacement, from the global RNG) once per call and shared by every position.
 
     Returns:
         () mean loss over the valid positions; 0 (with a gradient path) when there is none.
@@ -110,12 +118,18 @@ def next_item_loss(
     if y.numel() == 0:
         return hidden.sum() * 0.0
     if num_negatives == 0:
-        return softmax_loss(h, encode_items(None), y)
+        return softmax_loss(h, encode_items(None), y, known)
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-    negative_ids = torch.randint(num_items, (num_negatives,), device=hidden.device)  # (K,)
+    pool = known.nonzero().squeeze(1)  # (|K|,)
+    negative_ids = pool[torch.randint(pool.numel(), (num_negatives,), device=pool.device)]  # (K,)
     vectors = encode_items(torch.cat([y, negative_ids]))  # (N+K, d)
     return sampled_softmax_loss(h, vectors[: y.numel()], vectors[y.numel() :], y, negative_ids)
+
+
+def every_item(num_items: int, device: torch.device) -> Tensor:
+    """(I,) bool, all true: a training catalogue without held-out items."""
+    return torch.ones(num_items, dtype=torch.bool, device=device)
 
 
 class CausalBlock(nn.Module):
@@ -326,7 +340,7 @@ class SASRec(NextItemScoring, nn.Module):
         x = self.item(items.masked_fill(~real, self.num_items)) * math.sqrt(self.embedding_dim)  # (B, L, d)
         return self.encoder(x, real)
 
-    def loss(self, items: Tensor, num_negatives: int = 0) -> Tensor:
+    def loss(self, items: Tensor, num_negatives: int = 0, known: Tensor | None = None) -> Tensor:
         r"""Next-item loss of a training batch, averaged over the valid positions.
 
         With ``num_negatives == 0``, the full softmax (:func:`softmax_loss`):
@@ -350,9 +364,12 @@ class SASRec(NextItemScoring, nn.Module):
             items: (B, L+1) int64 item ids, left-padded with ``PAD``: inputs ``items[:, :-1]``, targets
                 ``items[:, 1:]``.
             num_negatives: 0 for the full softmax, else K.
+            known: (I,) bool, the items in the training catalogue (default: all); see
+                :func:`next_item_loss`.
 
         Returns:
             () mean loss.
         """
         inputs, targets = shift(items)  # (B, L), (B, L)
-        return next_item_loss(self.hidden(inputs), targets, self._encode_items, self.num_items, num_negatives)
+        known = every_item(self.num_items, items.device) if known is None else known
+        return next_item_loss(self.hidden(inputs), targets, self._encode_items, known, num_negatives)

@@ -103,6 +103,29 @@ def test_full_softmax_loss_by_hand() -> None:
     torch.testing.assert_close(net.loss(items), expected)
 
 
+def test_held_out_items_are_no_negatives() -> None:
+    net = _model()
+    items = torch.tensor([[PAD, PAD, 1, 2, 3], [4, 5, 3, 0, 1]])  # item 6 appears nowhere
+    known = torch.ones(N_ITEMS, dtype=torch.bool)
+    known[6] = False
+    hidden = net.hidden(items[:, :-1])  # (2, 4, D)
+    logits = (hidden @ net.item_vectors().T)[..., known]  # (2, 4, I - 1): the known catalogue only
+    rows = [(0, 2, 2), (0, 3, 3), (1, 0, 5), (1, 1, 3), (1, 2, 0), (1, 3, 1)]  # (b, t, target)
+    expected = F.cross_entropy(
+        torch.stack([logits[b, t] for b, t, _ in rows]), torch.tensor([y for *_, y in rows])
+    )  # targets < 6 keep their column
+    torch.testing.assert_close(net.loss(items, known=known), expected)
+    assert not torch.allclose(net.loss(items), expected)
+    for negatives in (0, 64):  # full and sampled softmax: the held-out vector learns nothing
+        net.zero_grad()
+        torch.manual_seed(0)
+        net.loss(items, num_negatives=negatives, known=known).backward()
+        assert net.item.weight.grad[6].abs().sum() == 0
+        net.zero_grad()
+        net.loss(items, num_negatives=negatives).backward()
+        assert net.item.weight.grad[6].abs().sum() > 0
+
+
 def test_sampled_loss_formula_and_target_collisions() -> None:
     g = torch.Generator().manual_seed(0)
     h, pos = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
