@@ -119,6 +119,18 @@ def _mnar_protocol(data: DictConfig) -> dict[str, object]:
     }
 
 
+def _side_information(datamodule: L.LightningDataModule) -> dict[str, object]:
+    """Where LLMRec's side information came from and how much of it fell back (none: empty)."""
+    aug = getattr(datamodule, "augmentation", None)
+    if aug is None:
+        return {}
+    fell_back = {task: sum(reasons.values()) for task, reasons in aug.fallbacks.items()}
+    return {
+        "side information": f"{aug.provider}; {aug.pairs.shape[0]} augmented pairs; users/items that fell "
+        f"back to no augmentation, per task: {fell_back} (by reason: {aug.fallbacks})"
+    }
+
+
 def _selection_rule(monitor: str | None) -> str:
     if monitor is None:
         return "none (fixed budget): the last checkpoint is tested, once"
@@ -159,11 +171,15 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         metrics["test"] = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
         timings["evaluate"] = time.perf_counter() - start
     selected = _epoch_of(ckpt) if cfg.test else -1
-    protocol = protocol_of(cfg) | {
-        "selected epoch (0-based)": selected if cfg.test else "n/a",
-        "selected checkpoint": ckpt or "n/a",
-        "resumed from": ", ".join(resumed_from) or "no (a fresh run)",
-    }
+    protocol = (
+        protocol_of(cfg)
+        | {
+            "selected epoch (0-based)": selected if cfg.test else "n/a",
+            "selected checkpoint": ckpt or "n/a",
+            "resumed from": ", ".join(resumed_from) or "no (a fresh run)",
+        }
+        | _side_information(datamodule)
+    )
 
     title = cfg.get("experiment_name") or cfg.task_name
     monitor = cfg.callbacks.model_checkpoint.monitor

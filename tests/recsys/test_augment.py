@@ -40,6 +40,9 @@ def test_augment_a_trained_run(shared_data: Path, tmp_path: Path) -> None:
         compose_config("train", tmp_path / "llmrec", [*llmrec, f"data.augmentation_path={out}"])
     )
     assert metrics["test"]["test/ndcg@10"] > 0.05 and "test/ndcg_ngcf@10" in metrics["test"]
+    report = (tmp_path / "llmrec" / "report.md").read_text()  # the provider is named, fallbacks counted
+    assert "**side information**: offline metadata templates (not an LLM)" in report
+    assert "fell back to no augmentation, per task: {'item_attributes': 0" in report
     with pytest.raises(ValueError, match="another training split"):  # another seed: another split
         train_run(
             compose_config(
