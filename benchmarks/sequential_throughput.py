@@ -38,18 +38,19 @@ class StepClock(L.Callback):
     """Wall time of the training batches after the first ``warmup`` (synchronised on CUDA)."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.sequences = warmup, None, None, 0
+        self.warmup, self.start, self.end, self.sequences, self.batches = warmup, None, None, 0, 0
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
             torch.cuda.synchronize(module.device)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
+        if self.batches == self.warmup:  # counted across epochs: a small dataset has few batches each
             self._sync(module)
             self.start = time.perf_counter()
-        if batch_idx >= self.warmup:
+        if self.batches >= self.warmup:
             self.sequences += batch["items"].shape[0]
+        self.batches += 1
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._sync(module)
