@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -41,3 +42,13 @@ def cell(values: list[float], digits: int = 4) -> str:
     """``mean ± std`` over runs (std 0 for one run)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def add_table_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every table over training runs takes: seeds, jobs, work folder, publishing, overrides."""
+    p.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once")
+    p.add_argument("--work", type=Path, default=None, help="run folders (reused when present)")
+    p.add_argument("--table-only", action="store_true", help="publish the finished runs, train nothing")
+    p.add_argument("--no-append", action="store_true", help="print only")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.accelerator=gpu")

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _bench import machine, publish  # noqa: E402
-from _runs import REPO, cell, train  # noqa: E402
+from _runs import REPO, add_table_arguments, cell, train  # noqa: E402
 
 log = logging.getLogger("sequential_table")
 VARIANTS = {
@@ -96,12 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml100k", "diginetica"], default="ml100k")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
-    p.add_argument("--jobs", type=int, default=1, help="training runs at once")
-    p.add_argument("--work", type=Path, default=None, help="run folders (reused when present)")
-    p.add_argument("--table-only", action="store_true", help="publish the finished runs, train nothing")
-    p.add_argument("--no-append", action="store_true", help="print only")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.accelerator=gpu")
+    add_table_arguments(p)
     args = p.parse_args()
     work = (args.work or REPO / "outputs" / "sequential_table" / args.dataset).resolve()
     if not args.table_only:

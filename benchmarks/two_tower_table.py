@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _bench import machine, publish  # noqa: E402
-from _runs import REPO, cell, train  # noqa: E402
+from _runs import REPO, add_table_arguments, cell, train  # noqa: E402
 
 log = logging.getLogger("two_tower_table")
 EXPERIMENTS = {"none": "two_tower_ml1m", "rfm": "two_tower_ssl_rfm_ml1m", "cfm": "two_tower_ssl_cfm_ml1m"}
@@ -117,14 +117,9 @@ def best_on_validation(work: Path, names: list[str], seeds: list[int]) -> list[s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     p.add_argument("--alphas", nargs="+", type=float, default=[0.1, 0.3, 1.0])
     p.add_argument("--maskings", nargs="+", default=["rfm", "cfm"], choices=["rfm", "cfm"])
-    p.add_argument("--jobs", type=int, default=1, help="training runs at once")
-    p.add_argument("--work", type=Path, default=None, help="run folders (reused when present)")
-    p.add_argument("--table-only", action="store_true", help="publish the finished runs, train nothing")
-    p.add_argument("--no-append", action="store_true", help="print only")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for every run, e.g. trainer.accelerator=gpu")
+    add_table_arguments(p)
     args = p.parse_args()
     work = (args.work or REPO / "outputs" / "two_tower_table").resolve()
     plan = variants(args.alphas, args.maskings)
