@@ -11,6 +11,13 @@ from torch.utils.data import IterableDataset
 from retrieval.types import ItemSets
 
 
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
+    """(n,) int64 permutation of epoch ``epoch``: a generator seeded ``seed + epoch``, so a run resumed at
+    that epoch sees the same order."""
+    gen = torch.Generator(device=device).manual_seed(seed + epoch)
+    return torch.randperm(n, generator=gen, device=device)
+
+
 class NegativeSampler:
     """Uniform negatives: for each user, items outside the user's positive set.
 
@@ -213,8 +220,7 @@ class PointwiseBatches(IterableDataset):
         return -(-self.clicks.numel() // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch_fn())
-        order = torch.randperm(self.clicks.numel(), generator=gen, device=self.device)  # (U * I,)
+        order = epoch_order(self.clicks.numel(), self.seed, self.epoch_fn(), self.device)  # (U * I,)
         for start in range(0, order.numel(), self.batch_size):
             pair = order[start : start + self.batch_size]
             yield {

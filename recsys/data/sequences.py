@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from recsys.data.diginetica import SessionData
 from recsys.data.registry import SESSION_DATASETS, load_interactions, load_sessions
-from recsys.data.sampling import UserBatches
+from recsys.data.sampling import UserBatches, epoch_order
 from recsys.data.tables import InteractionData
 from retrieval.types import ItemSets
 
@@ -268,8 +268,7 @@ class SequenceBatches(IterableDataset):
         return -(-self.rows.shape[0] // self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed + self.epoch_fn())
-        order = torch.randperm(self.rows.shape[0], generator=gen, device=self.device)  # (R,)
+        order = epoch_order(self.rows.shape[0], self.seed, self.epoch_fn(), self.device)  # (R,)
         for start in range(0, order.numel(), self.batch_size):
             yield {"items": self.rows[order[start : start + self.batch_size]]}  # (B, L + 1)
 
