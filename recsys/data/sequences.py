@@ -294,7 +294,6 @@ class SequenceDataModule(L.LightningDataModule):
         num_items: expected number of items in them; checked.
         text_cache: file where title vectors are cached (None: no cache file).
         seed: seed of the cold items and the per-epoch shuffling.
-        num_workers: accepted for config symmetry; batches are built in the main process.
         num_users: alias of ``num_sequences`` (checkpoint fingerprints read ``data.num_users``);
             checked likewise when given.
 
@@ -328,7 +327,6 @@ class SequenceDataModule(L.LightningDataModule):
         num_items: int | None = None,
         text_cache: str | Path | None = None,
         seed: int = 0,
-        num_workers: int = 0,
         num_users: int | None = None,
     ):
         super().__init__()
@@ -347,7 +345,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.val_share, self.test_share, self.cold_share = val_share, test_share, cold_share
         self.expected_sequences, self.expected_items = num_sequences, num_items
         self.expected_users = num_users
-        self.text_cache, self.seed, self.num_workers = text_cache, seed, num_workers
+        self.text_cache, self.seed = text_cache, seed
         self._data: InteractionData | SessionData | None = None
         self._ready = False
         self.num_sequences = self.num_items = 0
