@@ -171,7 +171,7 @@ def minilm_encoder(
         device: where the model runs (default: CUDA when present).
         cache: optional path of the persistent vector cache (made when missing).
     """
-    cache = Path(cache) if cache is not None else None
+    cache = Path(os.path.normpath(cache)) if cache is not None else None  # 'runs/x/../f' without runs/x
     memo: dict[str, Tensor] = {}  # text key -> vector
     if cache is not None and cache.exists():
         memo.update(torch.load(cache, weights_only=True))

@@ -166,3 +166,7 @@ def test_minilm_vectors_persist_in_the_cache_file(tmp_path: Path) -> None:
     assert torch.equal(again, first[[1, 0]])
     with pytest.raises(Exception, match="no-model"):  # a new text needs the model
         minilm_encoder(model=str(tmp_path / "no-model"), cache=cache)(["a new text"])
+    # the configs name it as runs_dir/../file; the run folder need not exist yet
+    through_missing = tmp_path / "not-made-yet" / ".." / "vectors.pt"
+    again = minilm_encoder(model=str(tmp_path / "no-model"), cache=through_missing)(["a quiet drama"])
+    assert torch.equal(again, first[[0]])
