@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, evaluator=instantiate(cfg.evaluator))
     run_info = RunInfo(OmegaConf.to_container(cfg, resolve=True))
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [run_info]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] + [run_info]  # null: off
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
 
     timings: dict[str, float] = {}

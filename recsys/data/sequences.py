@@ -11,16 +11,25 @@ or one session's events (DIGINETICA: ``time`` within the session). From the raw 
    a validation / main test history. Each occurrence of a cold item after at least one non-cold
    event becomes a test example of the ``"cold"`` protocol: history = the non-cold events before
    it, target = the cold item (examples from every sequence, in order);
-3. the split: ``leave_one_out`` (per sequence ``s`` of length ``n >= 3``: training row
-   ``s[:-2]``, validation ``s[:-2] -> s[-2]``, test ``s[:-1] -> s[-1]``; ``n == 2``: training
-   only) or ``session_time`` (whole sequences ordered by (first event date, id): the last
-   ``test_share`` test, the ``val_share`` before them validation, the rest training; every
-   position ``t >= 1`` of an evaluation sequence is one row ``s[:t] -> s[t]``).
+3. the split: ``leave_one_out`` (with horizon ``h``, per sequence ``s`` of length ``n >= 2h + 1``:
+   training row ``s[:-2h]``, validation ``s[:-2h] -> s[-2h]``, test ``s[:-h] -> s[-h]``; shorter
+   sequences of at least 2: training only; ``h = 1`` is the usual leave-one-out) or
+   ``session_time`` (whole sequences ordered by (first event date, id): the last ``test_share``
+   test, the ``val_share`` before them validation, the rest training; every position ``t >= 1``
+   of an evaluation sequence is one row ``s[:t] -> s[t]``).
+4. with ``horizon`` ``h > 1``, every evaluation row also has its *future*: the next ``h`` items
+   from the target on (``leave_one_out``: exactly the ``h`` held-out items; ``session_time``: up
+   to ``h`` items of the rest of the session). They are the targets of the ``"session"``
+   protocol, for models that generate a list of the next items at once (session-wise generation).
 
 Training rows keep their last ``max_len + 1`` items (``truncated``), histories their last
 ``max_len`` (``truncated_histories``); both are left-padded with :data:`PAD`. Evaluation ranks
 every item: histories are *not* masked (the usual sequential convention), so :meth:`exclude` is
 ``None``.
+
+Engagement: each training row's items carry a flag (``train_engaged``): a MovieLens rating of at
+least ``liked_min_rating``, and every event of a session (a click). Only training rows' own
+events are read, so nothing of validation or test leaks into it; a reward model trains on it.
 
 Item metadata (:class:`ItemMetadata`) is what an item-ID-free model sees; items with identical
 metadata are counted (``collisions``) and warned about, since only an ID (hybrid) model can tell
@@ -240,6 +249,36 @@ def remove_cold(
     return warm, rows, cut
 
 
+def cut_rows(
+    rows: Tensor, max_len: int, horizon: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut each training row at a uniform random point: (history, the next ``horizon`` items).
+
+    Args:
+        rows: (B, W) left-padded training rows, at least 2 real items each.
+        max_len: history width (histories keep their last ``max_len`` items).
+        horizon: future width (futures are right-padded with :data:`PAD`).
+        generator: CPU generator of the cut points.
+
+    Returns:
+        (histories (B, max_len), futures (B, horizon), future_columns (B, horizon): the column of each
+        future item in ``rows``, -1 at padding).
+    """
+    b, w = rows.shape
+    n = (rows != PAD).sum(1)  # (B,) real items
+    if (n < 2).any():
+        raise ValueError("every training row needs at least 2 items to be cut into a history and a future")
+    start = w - n  # column of the first real item
+    u = torch.rand(b, generator=generator).to(rows.device)
+    t = 1 + (u * (n - 1).to(u.dtype)).long().clamp(max=n - 2)  # (B,) items in the history, in [1, n - 1]
+    cols = start.unsqueeze(1) + t.unsqueeze(1) - max_len + torch.arange(max_len, device=rows.device)
+    histories = torch.where(cols >= start.unsqueeze(1), rows.gather(1, cols.clamp(min=0, max=w - 1)), PAD)
+    fcols = start.unsqueeze(1) + t.unsqueeze(1) + torch.arange(horizon, device=rows.device)  # (B, N)
+    inside = fcols < w
+    futures = torch.where(inside, rows.gather(1, fcols.clamp(max=w - 1)), PAD)
+    return histories, futures, torch.where(inside, fcols, -1)
+
+
 class SequenceBatches(IterableDataset):
     """Shuffled batches of training rows; epoch ``e``'s order comes from a generator seeded ``seed + e``.
 
@@ -290,6 +329,10 @@ class SequenceDataModule(L.LightningDataModule):
         val_share: ``session_time`` only: share of sequences (by start) for validation, in [0, 1).
         test_share: ``session_time`` only: share of the latest sequences for test, in [0, 1).
         cold_share: share of the items held out as cold (seeded choice), in [0, 1).
+        horizon: items held out per sequence for validation and for test (``leave_one_out``) and
+            length of each evaluation row's future; > 1 adds the ``"session"`` protocol.
+        liked_min_rating: a rated event counts as engaged from this rating on (events without a
+            rating, e.g. clicks, are engaged).
         num_sequences: expected number of sequences after dropping short ones; checked.
         num_items: expected number of items in them; checked.
         text_cache: file where title vectors are cached (None: no cache file).
@@ -299,13 +342,15 @@ class SequenceDataModule(L.LightningDataModule):
 
     After :meth:`setup`: ``num_sequences``, ``num_items``, ``metadata`` (:class:`ItemMetadata`),
     ``cold_items`` ((K,) int64 sorted), ``item_ids`` ((I,) int64 dataset id of each item),
-    ``train_rows`` ((R, max_len + 1) int64), ``row_sequence`` (stage -> (N,) int64 sequence of
-    each evaluation row; sequences are numbered in dataset order of the users / sessions kept),
-    ``split_sequences`` (``session_time`` only: stage -> sequence ids) and ``counts`` (also
-    logged): ``short_dropped``, ``reordered``, ``truncated``, ``truncated_histories``,
-    ``missing_metadata``, ``cold_items``, ``cold_examples``, ``short_after_cold`` (sequences
-    under 2 events once cold events are gone), ``two_item_train_only`` (leave-one-out sequences
-    of 2: training only), ``short_train_rows`` (training rows under 2 items, dropped: they hold no
+    ``train_rows`` ((R, max_len + 1) int64), ``train_engaged`` ((R, max_len + 1) bool, False at
+    padding), ``train_sequence`` ((R,) int64 sequence of each training row), ``row_sequence``
+    (stage -> (N,) int64 sequence of each evaluation row; sequences are numbered in dataset order
+    of the users / sessions kept), ``split_sequences`` (``session_time`` only: stage -> sequence
+    ids) and ``counts`` (also logged): ``short_dropped``, ``reordered``, ``truncated``,
+    ``truncated_histories``, ``missing_metadata``, ``cold_items``, ``cold_examples``,
+    ``short_after_cold`` (sequences under 2 events once cold events are gone), ``train_only``
+    (leave-one-out sequences shorter than ``2 * horizon + 1``: training only), ``train_engaged``,
+    ``short_train_rows`` (training rows under 2 items, dropped: they hold no
     next-item pair), ``collisions``, ``train_rows``, ``val_rows``, ``test_rows``.
     """
 
@@ -323,6 +368,8 @@ class SequenceDataModule(L.LightningDataModule):
         val_share: float = 0.1,
         test_share: float = 0.1,
         cold_share: float = 0.0,
+        horizon: int = 1,
+        liked_min_rating: float = 4.0,
         num_sequences: int | None = None,
         num_items: int | None = None,
         text_cache: str | Path | None = None,
@@ -334,6 +381,8 @@ class SequenceDataModule(L.LightningDataModule):
             raise ValueError(f"data.split must be one of {SPLITS}, got {split!r}")
         if max_len < 1:
             raise ValueError(f"data.max_len must be >= 1, got {max_len}")
+        if horizon < 1:
+            raise ValueError(f"data.horizon must be >= 1, got {horizon}")
         for key, value in (("val_share", val_share), ("test_share", test_share), ("cold_share", cold_share)):
             if not 0 <= value < 1:
                 raise ValueError(f"data.{key} must be in [0, 1), got {value}")
@@ -343,6 +392,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.split, self.max_len = split, max_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_share, self.test_share, self.cold_share = val_share, test_share, cold_share
+        self.horizon, self.liked_min_rating = horizon, liked_min_rating
         self.expected_sequences, self.expected_items = num_sequences, num_items
         self.expected_users = num_users
         self.text_cache, self.seed = text_cache, seed
@@ -367,15 +417,15 @@ class SequenceDataModule(L.LightningDataModule):
             return load_sessions(self.dataset, root=self.root, download=self.download)
         return load_interactions(self.dataset, root=self.root, download=self.download)
 
-    @staticmethod
-    def _events(data: InteractionData | SessionData) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """(events ``seq``, ``item``, ``key``, ``start``; item features in dataset item order)."""
+    def _events(self, data: InteractionData | SessionData) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(events ``seq``, ``item``, ``key``, ``start``, ``liked``; item features in dataset item order)."""
         if isinstance(data, SessionData):
             events = data.events.select(
                 pl.col("session").alias("seq"),
                 "item",
                 pl.col("time").alias("key"),
                 pl.col("date").alias("start"),
+                pl.lit(True).alias("liked"),
             )
             return events, data.item_features.sort("item")
         df = data.interactions
@@ -389,6 +439,7 @@ class SequenceDataModule(L.LightningDataModule):
             "item",
             pl.col("timestamp").alias("key"),
             pl.col("timestamp").alias("start"),
+            (pl.col("rating").is_null() | (pl.col("rating") >= self.liked_min_rating)).alias("liked"),
         )
         if data.item_features is None:
             raise ValueError(f"{data.name} has no item features; SequenceDataModule needs item metadata")
@@ -428,11 +479,16 @@ class SequenceDataModule(L.LightningDataModule):
             train, val, test = self._leave_one_out(warm, counts)
         else:
             train, val, test = self._session_time(warm, seqs["start"], counts)
-        counts["short_train_rows"] = sum(len(r) < 2 for r in train)
-        train = [r for r in train if len(r) >= 2]
-        counts["truncated"] = sum(len(r) > self.max_len + 1 for r in train)
-        self.train_rows = left_pad(train, self.max_len + 1)  # (R, L + 1)
+        counts["short_train_rows"] = sum(len(r) < 2 for r, _ in train)
+        train = [(r, q) for r, q in train if len(r) >= 2]
+        counts["truncated"] = sum(len(r) > self.max_len + 1 for r, _ in train)
+        self.train_rows = left_pad([r for r, _ in train], self.max_len + 1)  # (R, L + 1)
+        self.train_sequence = torch.tensor([q for _, q in train], dtype=torch.int64)  # (R,)
+        self.train_engaged = self._engaged(events, seqs["seq"], remap)  # (R, L + 1)
+        counts["train_engaged"] = int(self.train_engaged.sum())
         self._n_main_test = len(test)
+        self._futures = {"val": [f for *_, f in val], "test": [f for *_, f in test] + [[]] * len(cold_rows)}
+        val, test = [r[:3] for r in val], [r[:3] for r in test]
         self._rows = {"val": val, "test": test + cold_rows}
         cut += sum(len(h) > self.max_len for rows in (val, test) for h, _, _ in rows)
         counts["truncated_histories"] = cut
@@ -494,17 +550,28 @@ class SequenceDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randperm(num_items, generator=gen)[:k].sort().values  # (K,)
 
-    @staticmethod
-    def _leave_one_out(warm: list[list[int]], counts: dict[str, int]) -> tuple[list, list, list]:
+    def _engaged(self, events: pl.DataFrame, seq_keys: pl.Series, remap: Tensor) -> Tensor:
+        """(R, L + 1) bool: is each training-row event engaged (see the module docstring)."""
+        number = pl.DataFrame({"seq": seq_keys, "_q": pl.int_range(seq_keys.len(), eager=True)})
+        liked = events.filter("liked").join(number, on="seq").filter(pl.col("item") <= int(remap.numel() - 1))
+        items = remap[torch.from_numpy(liked["item"].to_numpy().astype("int64"))]  # (P,)
+        q = torch.from_numpy(liked["_q"].to_numpy().astype("int64"))[items >= 0]
+        keys = (q * self.num_items + items[items >= 0]).unique()  # sorted (sequence, item) keys
+        rows = self.train_rows
+        row_keys = self.train_sequence.unsqueeze(1) * self.num_items + rows.clamp(min=0)  # (R, L + 1)
+        return torch.isin(row_keys, keys) & (rows != PAD)
+
+    def _leave_one_out(self, warm: list[list[int]], counts: dict[str, int]) -> tuple[list, list, list]:
+        h = self.horizon
         train, val, test = [], [], []
         for q, s in enumerate(warm):
-            if len(s) >= 3:
-                train.append(s[:-2])
-                val.append((s[:-2], s[-2], q))
-                test.append((s[:-1], s[-1], q))
-            elif len(s) == 2:
-                train.append(s)
-        counts["two_item_train_only"] = sum(len(s) == 2 for s in warm)
+            if len(s) >= 2 * h + 1:
+                train.append((s[: -2 * h], q))
+                val.append((s[: -2 * h], s[-2 * h], q, s[-2 * h : len(s) - h]))
+                test.append((s[:-h], s[-h], q, s[-h:]))
+            elif len(s) >= 2:
+                train.append((s, q))
+        counts["train_only"] = sum(2 <= len(s) < 2 * h + 1 for s in warm)
         return train, val, test
 
     def _session_time(self, warm: list[list[int]], start: pl.Series, counts: dict[str, int]) -> tuple:
@@ -518,11 +585,14 @@ class SequenceDataModule(L.LightningDataModule):
             "test": torch.tensor(order[n_train + n_val :].to_list(), dtype=torch.int64),
         }
         counts |= {f"{k}_sequences": v.numel() for k, v in self.split_sequences.items()}
-        train = [warm[i] for i in self.split_sequences["train"].tolist()]
+        train = [(warm[i], i) for i in self.split_sequences["train"].tolist()]
+        h = self.horizon
 
         def rows(stage: str) -> list:
             ids = self.split_sequences[stage].tolist()
-            return [(warm[q][:t], warm[q][t], q) for q in ids for t in range(1, len(warm[q]))]
+            return [
+                (warm[q][:t], warm[q][t], q, warm[q][t : t + h]) for q in ids for t in range(1, len(warm[q]))
+            ]
 
         return train, rows("val"), rows("test")
 
@@ -532,26 +602,36 @@ class SequenceDataModule(L.LightningDataModule):
             items = torch.tensor([t for _, t, _ in rows], dtype=torch.int64)
             return ItemSets.from_pairs(users, items, total, self.num_items)
 
+        def futures(stage: str) -> ItemSets:
+            lists = self._futures[stage]
+            users = torch.tensor([r for r, f in enumerate(lists) for _ in f], dtype=torch.int64)
+            items = torch.tensor([i for f in lists for i in f], dtype=torch.int64)
+            return ItemSets.from_pairs(users, items, len(lists), self.num_items)
+
         n_val, n_test = len(self._rows["val"]), len(self._rows["test"])
         main = self._rows["test"][: self._n_main_test]
         return {
             ("val", ""): sets(self._rows["val"], 0, n_val),
             ("val", "cold"): ItemSets.empty(n_val, self.num_items),
+            ("val", "session"): futures("val"),
             ("test", ""): sets(main, 0, n_test),
             ("test", "cold"): sets(cold_rows, self._n_main_test, n_test),
+            ("test", "session"): futures("test"),
         }
 
     # ----------------------------------------------------------------------- evaluation
 
     def protocols(self) -> tuple[str, ...]:
-        """Next-item ranking (``""``); with ``cold_share``, also ``"cold"`` (cold test targets only)."""
-        return ("",) if self.cold_share == 0 else ("", "cold")
+        """Next-item ranking (``""``); with ``cold_share``, also ``"cold"`` (cold test targets only); with
+        ``horizon > 1``, also ``"session"`` (each row's next ``horizon`` items)."""
+        return ("",) + (("cold",) if self.cold_share > 0 else ()) + (("session",) if self.horizon > 1 else ())
 
     def _check(self, stage: str, protocol: str) -> None:
         if stage not in ("val", "test"):
             raise ValueError(f"stage must be 'val' or 'test', got {stage!r}")
         if protocol not in self.protocols():
-            hint = " (set data.cold_share > 0 for 'cold')" if protocol == "cold" else ""
+            hints = {"cold": " (set data.cold_share > 0 for 'cold')", "session": " (set data.horizon > 1)"}
+            hint = hints.get(protocol, "")
             raise ValueError(
                 f"unknown evaluation protocol {protocol!r}; this datamodule has {self.protocols()}{hint}"
             )
@@ -600,6 +680,7 @@ __all__ = [
     "SequenceDataModule",
     "category_metadata",
     "count_collisions",
+    "cut_rows",
     "left_pad",
     "movielens_metadata",
     "ordered_sequences",

@@ -37,6 +37,7 @@ DATA_FOR = {
     "two_tower": "ml100k_features",
     "sasrec": "seq_ml100k",
     "m2trec": "seq_ml100k",
+    "onerec": "seq_ml100k",
 }  # pointwise models: pointwise batches;
 # feature models: a data config with features
 # models that need recsys.augment's file: here they must refuse to train without it (they are

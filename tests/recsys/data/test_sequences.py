@@ -111,7 +111,7 @@ def test_leave_one_out_orders_pads_and_truncates(fake_minilm) -> None:
     assert dm.histories("test").tolist() == [[3, 4]] and dm.targets("test").indices.tolist() == [5]
     assert dm.exclude("test") is None and dm.protocols() == ("",)
     c = dm.counts
-    assert (c["short_dropped"], c["two_item_train_only"], c["truncated"], c["truncated_histories"]) == (
+    assert (c["short_dropped"], c["train_only"], c["truncated"], c["truncated_histories"]) == (
         1,
         1,
         1,
@@ -165,6 +165,7 @@ def test_sessions_are_sorted_counted_and_short_ones_dropped() -> None:
         ({"val_share": 1.0}, r"data.val_share must be in \[0, 1\)"),
         ({"cold_share": -0.1}, r"data.cold_share must be in \[0, 1\)"),
         ({"val_share": 0.5, "test_share": 0.5}, "must be < 1"),
+        ({"horizon": 0}, "data.horizon must be >= 1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
@@ -287,6 +288,40 @@ def test_session_time_split_keeps_whole_sessions_in_time_order(
     assert (hist[:, -1] != PAD).all()
     m = digi.metadata
     assert m.fields.shape == (6774, 1) and m.text is None and m.categories.sum(1).eq(1).all()
+
+
+def test_horizon_holds_out_the_next_items_and_flags_engagement(shared_data: Path, fake_minilm) -> None:
+    dm = SequenceDataModule("movielens-100k", root=shared_data, horizon=3, num_items=1682)
+    dm.setup()
+    assert dm.protocols() == ("", "session")
+    s = ml_sequences(shared_data)[0]  # user 0 (raw id 1), 272 ratings
+    row = int(torch.nonzero(dm.row_sequence["val"] == 0))
+    train_row = int(torch.nonzero(dm.train_sequence == 0))
+    assert unpad(dm.train_rows[train_row]) == s[:-6][-51:]
+    assert unpad(dm.histories("val")[row]) == s[:-6][-50:] and unpad(dm.histories("test")[row]) == s[:-3][-50:]
+    assert dm.targets("val").rows(torch.tensor([row]))[1].tolist() == [s[-6]]
+    assert dm.targets("test").rows(torch.tensor([row]))[1].tolist() == [s[-3]]
+    assert dm.targets("val", "session").rows(torch.tensor([row]))[1].tolist() == sorted(s[-6:-3])
+    assert dm.targets("test", "session").rows(torch.tensor([row]))[1].tolist() == sorted(s[-3:])
+    # engagement = a rating of 4 or 5, read from the raw file apart from the module
+    ratings = load_interactions("movielens-100k", shared_data).interactions.filter(pl.col("user") == 0)
+    liked = set(ratings.filter(pl.col("rating") >= 4)["item"].to_list())
+    items, flags = dm.train_rows[train_row], dm.train_engaged[train_row]
+    assert flags.tolist() == [i in liked and i != PAD for i in items.tolist()]
+    assert 0 < int(flags.sum()) < int((items != PAD).sum())
+
+
+def test_session_futures_are_the_rest_of_the_session(shared_data: Path) -> None:
+    dm = SequenceDataModule("session-diginetica-sample", root=shared_data, split="session_time", horizon=2, max_len=200)
+    dm.setup()
+    history, futures = dm.histories("test"), dm.targets("test", "session")
+    for row in range(0, history.shape[0], 41):
+        q = int(dm.row_sequence["test"][row])
+        rows_of_q = torch.nonzero(dm.row_sequence["test"] == q).flatten()
+        t = int((row - rows_of_q[0]).item()) + 1  # this row's history is the first t events
+        session = unpad(history[rows_of_q[-1]]) + dm.targets("test").rows(rows_of_q[-1:])[1].tolist()
+        assert futures.rows(torch.tensor([row]))[1].tolist() == sorted(set(session[t : t + 2]))
+    assert dm.train_engaged.eq(dm.train_rows != PAD).all()  # every click is engaged
 
 
 def test_real_minilm_titles_are_unit_vectors() -> None:
