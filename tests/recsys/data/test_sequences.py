@@ -298,7 +298,8 @@ def test_horizon_holds_out_the_next_items_and_flags_engagement(shared_data: Path
     row = int(torch.nonzero(dm.row_sequence["val"] == 0))
     train_row = int(torch.nonzero(dm.train_sequence == 0))
     assert unpad(dm.train_rows[train_row]) == s[:-6][-51:]
-    assert unpad(dm.histories("val")[row]) == s[:-6][-50:] and unpad(dm.histories("test")[row]) == s[:-3][-50:]
+    assert unpad(dm.histories("val")[row]) == s[:-6][-50:]
+    assert unpad(dm.histories("test")[row]) == s[:-3][-50:]
     assert dm.targets("val").rows(torch.tensor([row]))[1].tolist() == [s[-6]]
     assert dm.targets("test").rows(torch.tensor([row]))[1].tolist() == [s[-3]]
     assert dm.targets("val", "session").rows(torch.tensor([row]))[1].tolist() == sorted(s[-6:-3])
@@ -312,7 +313,9 @@ def test_horizon_holds_out_the_next_items_and_flags_engagement(shared_data: Path
 
 
 def test_session_futures_are_the_rest_of_the_session(shared_data: Path) -> None:
-    dm = SequenceDataModule("session-diginetica-sample", root=shared_data, split="session_time", horizon=2, max_len=200)
+    dm = SequenceDataModule(
+        "session-diginetica-sample", root=shared_data, split="session_time", horizon=2, max_len=200
+    )
     dm.setup()
     history, futures = dm.histories("test"), dm.targets("test", "session")
     for row in range(0, history.shape[0], 41):

@@ -11,7 +11,7 @@ import torch
 from recsys.models.onerec import NEG, OneRec, dpo_loss, ranked_scores
 from recsys.semantic_ids import SemanticIds
 
-I = 24  # items
+N_ITEMS = 24
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,9 @@ def _one_thread():
 
 def _net(ffn: str = "moe", list_len: int = 3, seed: int = 0, levels: int = 2, codebook: int = 4) -> OneRec:
     torch.manual_seed(seed)
-    ids = SemanticIds.build(torch.randn(I, 8), torch.arange(I), levels, codebook, "random", seed=seed)
+    ids = SemanticIds.build(
+        torch.randn(N_ITEMS, 8), torch.arange(N_ITEMS), levels, codebook, "random", seed=seed
+    )
     return OneRec(
         ids.codes,
         ids.vocab_sizes,
@@ -40,7 +42,7 @@ def _net(ffn: str = "moe", list_len: int = 3, seed: int = 0, levels: int = 2, co
 
 
 def _histories(n: int = 5, seed: int = 1) -> torch.Tensor:
-    h = torch.randint(0, I, (n, 6), generator=torch.Generator().manual_seed(seed))
+    h = torch.randint(0, N_ITEMS, (n, 6), generator=torch.Generator().manual_seed(seed))
     h[0, :3] = -1  # a left-padded history
     return h
 
@@ -54,14 +56,14 @@ def test_beam_scores_are_the_teacher_forced_list_logprobs(ffn: str) -> None:
     torch.testing.assert_close(scores, again, atol=1e-5, rtol=1e-5)
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
     for row in lists.view(30, 3).tolist():
-        assert len(set(row)) == 3 and all(0 <= i < I for i in row)  # real items, no repeats
+        assert len(set(row)) == 3 and all(0 <= i < N_ITEMS for i in row)  # real items, no repeats
 
 
 def test_one_item_beam_as_wide_as_the_catalogue_is_exact() -> None:
     net, h = _net(list_len=1), _histories()
-    lists, scores = net.beam_search(h, net.trie(), list_len=1, width=I)
-    every = torch.arange(I).repeat(5, 1)  # (5, I)
-    exact = net.list_logprob(h.repeat_interleave(I, 0), every.reshape(-1, 1)).view(5, I)
+    lists, scores = net.beam_search(h, net.trie(), list_len=1, width=N_ITEMS)
+    every = torch.arange(N_ITEMS).repeat(5, 1)  # (5, N_ITEMS)
+    exact = net.list_logprob(h.repeat_interleave(N_ITEMS, 0), every.reshape(-1, 1)).view(5, N_ITEMS)
     best = exact.sort(1, descending=True)
     torch.testing.assert_close(scores, best.values, atol=1e-5, rtol=1e-5)
     assert torch.equal(lists[:, :, 0].sort(1).values, every)  # every item once
@@ -70,7 +72,7 @@ def test_one_item_beam_as_wide_as_the_catalogue_is_exact() -> None:
 
 def test_generation_keeps_to_the_allowed_items() -> None:
     net, h = _net(), _histories()
-    allowed = torch.zeros(I, dtype=torch.bool)
+    allowed = torch.zeros(N_ITEMS, dtype=torch.bool)
     allowed[[1, 4, 7, 9, 15, 20]] = True
     trie = net.trie(allowed)
     lists, _ = net.beam_search(h, trie, 3, 4)
@@ -85,22 +87,22 @@ def test_generation_keeps_to_the_allowed_items() -> None:
 
 
 def test_learns_a_toy_next_list_rule() -> None:
-    """The next items are always last + 1, last + 2, last + 3 (mod I): after training, the best beam says so."""
+    """The next items are always last + 1, + 2, + 3 (mod N_ITEMS): after training, the best beam says so."""
     net = _net(list_len=3).train()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
-        h = torch.randint(0, I, (64, 6), generator=g)
-        futures = (h[:, -1:] + torch.arange(1, 4)) % I
+        h = torch.randint(0, N_ITEMS, (64, 6), generator=g)
+        futures = (h[:, -1:] + torch.arange(1, 4)) % N_ITEMS
         out = net.losses(h, futures)
         loss = out["nll"] + 0.01 * out["aux"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     net.eval()
-    h = torch.randint(0, I, (40, 6), generator=g)
+    h = torch.randint(0, N_ITEMS, (40, 6), generator=g)
     lists, _ = net.beam_search(h, net.trie(), 3, 4)
-    target = (h[:, -1:] + torch.arange(1, 4)) % I
+    target = (h[:, -1:] + torch.arange(1, 4)) % N_ITEMS
     assert (lists[:, 0] == target).all(1).float().mean() > 0.9
     used = torch.stack([s.tokens_per_expert for s in net.losses(h, target)["routing"]])
     assert (used > 0).all()  # every expert of every block takes tokens
@@ -128,7 +130,7 @@ def test_ranked_scores() -> None:
 
 
 def test_bad_arguments() -> None:
-    ids = SemanticIds.build(torch.randn(I, 8), torch.arange(I), 2, 4, "random")
+    ids = SemanticIds.build(torch.randn(N_ITEMS, 8), torch.arange(N_ITEMS), 2, 4, "random")
     with pytest.raises(ValueError, match="ffn must be"):
         OneRec(ids.codes, ids.vocab_sizes, 6, 3, ffn="sparse")
     with pytest.raises(ValueError, match="outside its position's vocabulary"):
