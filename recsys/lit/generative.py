@@ -150,7 +150,9 @@ class GenerativeRecommender(EvaluatedRecommender):
         self.net = self.net_factory(
             codes=ids.codes, vocab_sizes=ids.vocab_sizes, max_len=dm.max_len, list_len=self.hparams.list_len
         )
-        self.reward_model = ListRewardModel(dm.num_items, self.net.code_embedding.embedding_dim)
+        self.reward_model = ListRewardModel(
+            ids.codes[:, : ids.levels], ids.codebook_size, self.net.code_embedding.embedding_dim
+        )  # items by their k-means codes (no suffix)
         self.register_buffer("reward_ready", torch.zeros((), dtype=torch.bool))
         need = self.hparams.pretrain_epochs + self.hparams.rounds * self.hparams.round_epochs
         if stage == "fit" and self.trainer.max_epochs is not None and self.trainer.max_epochs < need:

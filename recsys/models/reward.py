@@ -2,7 +2,10 @@ r"""A reward model for generated lists: how likely is the user to engage with ea
 
 The preference-alignment stage of OneRec (Deng et al., 2025) scores (user, generated list) pairs
 with a reward model trained on real engagement, then prefers the better of several sampled
-lists. Here the user is their history :math:`H` (mean of item embeddings, then an MLP) and each
+lists. Items are represented by their semantic-ID codes, :math:`e_i = \sum_l E_l[c_{i,l}]`, so
+what is learnt about an item carries over to items with similar codes (with item-id embeddings,
+on the sparse DIGINETICA sample the held-out AUC fell below 0.5 while the fitted one reached
+0.98). The user is their history :math:`H` (mean of item vectors, then an MLP) and each
 candidate item :math:`i` gets
 
 .. math::
@@ -24,28 +27,41 @@ PAD = -1
 
 
 class ListRewardModel(nn.Module):
-    """Item-level engagement scorer; a list's reward is the mean over its items.
+    """Item-level engagement scorer over semantic-ID codes; a list's reward is the mean over its items.
 
     Args:
-        num_items: I.
-        embedding_dim: d of the item embeddings.
+        codes: (I, L) int64 codes of every item (e.g. the residual k-means levels, without the suffix).
+        codebook_size: codes per position.
+        embedding_dim: d of the code embeddings.
         hidden: hidden width of the scoring MLP.
         dropout: dropout in the MLP.
     """
 
-    def __init__(self, num_items: int, embedding_dim: int = 64, hidden: int = 128, dropout: float = 0.1):
+    def __init__(
+        self,
+        codes: Tensor,
+        codebook_size: int,
+        embedding_dim: int = 64,
+        hidden: int = 128,
+        dropout: float = 0.1,
+    ):
         super().__init__()
-        if num_items < 1 or embedding_dim < 1 or hidden < 1:
-            raise ValueError(
-                f"num_items, embedding_dim and hidden must be >= 1, got {num_items}, {embedding_dim}, "
-                f"{hidden}"
-            )
-        self.items = nn.Embedding(num_items, embedding_dim)
+        if codes.dim() != 2 or (codes < 0).any() or (codes >= codebook_size).any():
+            raise ValueError(f"codes must be (I, L) in [0, {codebook_size}), got shape {tuple(codes.shape)}")
+        if embedding_dim < 1 or hidden < 1:
+            raise ValueError(f"embedding_dim and hidden must be >= 1, got {embedding_dim} and {hidden}")
+        offsets = torch.arange(codes.shape[1]) * codebook_size
+        self.register_buffer("codes", codes + offsets, persistent=False)  # (I, L) rows of the code table
+        self.code_embedding = nn.Embedding(codebook_size * codes.shape[1], embedding_dim)
         self.user = nn.Sequential(nn.Linear(embedding_dim, embedding_dim), nn.GELU())
         self.score = nn.Sequential(
             nn.Linear(3 * embedding_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
-        nn.init.normal_(self.items.weight, std=0.05)
+        nn.init.normal_(self.code_embedding.weight, std=0.05)
+
+    def items(self, ids: Tensor) -> Tensor:
+        """(...) item ids -> (..., d) sums of their code embeddings."""
+        return self.code_embedding(self.codes[ids]).sum(-2)
 
     def user_vectors(self, histories: Tensor) -> Tensor:
         """histories (B, L) left-padded item ids -> (B, d)."""
