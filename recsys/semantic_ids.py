@@ -83,6 +83,25 @@ def _kmeans_pp_init(x: Tensor, x_sq: Tensor, k: int, gen: torch.Generator) -> Te
     return x[chosen].clone()  # (k, d)
 
 
+def _balanced_assign(x: Tensor, x_sq: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
+    """Equal-size assignment (OneRec's balanced k-means): cluster k, in turn, takes the nearest of the
+    points still free, ``ceil(free / clusters left)`` of them, so sizes differ by at most one.
+
+    Returns:
+        (codes, dist): (I,) int64 and (I,) squared distance to the assigned centroid.
+    """
+    d = _sq_distances(x, x_sq, centroids)  # (I, K)
+    n, k = d.shape
+    codes = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    free = torch.ones(n, dtype=torch.bool, device=x.device)
+    for c in range(k):
+        take = -(-int(free.sum()) // (k - c))
+        nearest = d[:, c].masked_fill(~free, float("inf")).topk(take, largest=False).indices
+        codes[nearest] = c
+        free[nearest] = False
+    return codes, d.gather(1, codes.unsqueeze(1)).squeeze(1)
+
+
 def _update_centroids(x: Tensor, codes: Tensor, dist: Tensor, k: int) -> Tensor:
     """One Lloyd update: each centroid moves to the mean of its points.
 
@@ -106,30 +125,35 @@ def _update_centroids(x: Tensor, codes: Tensor, dist: Tensor, k: int) -> Tensor:
     return centroids
 
 
-def _kmeans(x: Tensor, k: int, iters: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _kmeans(
+    x: Tensor, k: int, iters: int, gen: torch.Generator, balanced: bool = False
+) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means from a k-means++ seeding, stopping early once no assignment changes.
 
     Args:
         x: (I, d) float32 points with at least ``k`` distinct rows.
+        balanced: assign by :func:`_balanced_assign` (equal cluster sizes) instead of the nearest centroid.
 
     Returns:
-        (codes, centroids): (I,) int64 nearest centroid of each point under the returned (k, d) centroids.
+        (codes, centroids): (I,) int64 cluster of each point (nearest centroid, or balanced) and the
+        (k, d) centroids.
     """
+    assign = _balanced_assign if balanced else _assign
     x_sq = (x * x).sum(1)  # (I,)
     centroids = _kmeans_pp_init(x, x_sq, k, gen)  # (k, d)
     previous = None
     for _ in range(iters):
-        codes, dist = _assign(x, x_sq, centroids)
+        codes, dist = assign(x, x_sq, centroids)
         if previous is not None and torch.equal(codes, previous):
             break
         previous = codes
         centroids = _update_centroids(x, codes, dist, k)
-    codes, _ = _assign(x, x_sq, centroids)
+    codes, _ = assign(x, x_sq, centroids)
     return codes, centroids
 
 
 def residual_kmeans(
-    x: Tensor, levels: int, codebook_size: int, iters: int = 20, seed: int = 0
+    x: Tensor, levels: int, codebook_size: int, iters: int = 20, seed: int = 0, balanced: bool = False
 ) -> tuple[Tensor, list[Tensor]]:
     r"""Residual k-means (RQ-k-means): k-means on the embeddings, then on what each level leaves over.
 
@@ -152,6 +176,9 @@ def residual_kmeans(
         codebook_size: K >= 2 codes per level.
         iters: Lloyd iterations per level (>= 1).
         seed: seeds the one ``torch.Generator`` every random draw comes from (the same seed, the same codes).
+        balanced: equal-size clusters at every level (OneRec's balanced k-means, :func:`_balanced_assign`):
+            plain k-means on near-isotropic residuals tends to one large cluster and many tiny ones, and
+            the tuples collide.
 
     Returns:
         (codes, centroids): (I, L) int64 codes and L centroid tensors of shape (K, d), float32.
@@ -171,7 +198,7 @@ def residual_kmeans(
     codes, codebooks = [], []
     for _ in range(levels):
         k = min(codebook_size, torch.unique(residual, dim=0).shape[0])
-        level_codes, centroids = _kmeans(residual, k, iters, gen)  # (I,), (k, d)
+        level_codes, centroids = _kmeans(residual, k, iters, gen, balanced)  # (I,), (k, d)
         centroids = torch.cat([centroids, centroids.new_zeros(codebook_size - k, x.shape[1])])  # (K, d)
         residual = residual - centroids[level_codes]
         codes.append(level_codes)
@@ -331,6 +358,7 @@ class SemanticIds:
         source: str,
         seed: int = 0,
         iters: int = 20,
+        balanced: bool = False,
     ) -> SemanticIds:
         """Codes from :func:`residual_kmeans`, statistics from :func:`code_stats`, suffix from
         :func:`disambiguate`; logs the collision rate and the utilisation.
@@ -338,7 +366,7 @@ class SemanticIds:
         Args:
             embeddings: (I, d) float, finite, row r for item ``item_ids[r]``.
             item_ids: (I,) int64 distinct dataset item ids.
-            levels, codebook_size, seed, iters: as :func:`residual_kmeans`.
+            levels, codebook_size, seed, iters, balanced: as :func:`residual_kmeans`.
             source: where the embeddings came from.
         """
         if levels < 1:
@@ -363,7 +391,7 @@ class SemanticIds:
                 f"embeddings have NaN or infinite entries in {bad.numel()} rows "
                 f"(items {_examples(item_ids[bad])})"
             )
-        codes, _ = residual_kmeans(embeddings, levels, codebook_size, iters=iters, seed=seed)  # (I, L)
+        codes, _ = residual_kmeans(embeddings, levels, codebook_size, iters, seed, balanced)  # (I, L)
         stats = code_stats(codes, codebook_size)
         log.info(
             "semantic IDs from %s: %d items, %d levels x %d codes, collision rate %.3f (largest group %d), "
@@ -457,6 +485,7 @@ def for_datamodule(
     codebook_size: int = 64,
     seed: int = 0,
     dim: int = 64,
+    balanced: bool = True,
     path: str | Path | None = None,
 ) -> SemanticIds:
     """Semantic IDs of a :class:`~recsys.data.sequences.SequenceDataModule`'s items.
@@ -472,6 +501,7 @@ def for_datamodule(
         codebook_size: codes per level.
         seed: k-means (and SVD) seed.
         dim: width of the collaborative vectors.
+        balanced: equal-size clusters (OneRec's balanced k-means; see :func:`residual_kmeans`).
         path: optional file: loaded (and checked against the items) when it exists, else written.
     """
     from recsys.data.item_vectors import cooccurrence_vectors, metadata_vectors
@@ -499,7 +529,7 @@ def for_datamodule(
     else:
         collab = cooccurrence_vectors(datamodule.train_rows, datamodule.num_items, dim, seed=seed)
         vectors, name = torch.cat([collab, metadata_vectors(meta)], 1), "collaborative:ppmi-svd+metadata"
-    ids = SemanticIds.build(vectors, item_ids, levels, codebook_size, name, seed=seed)
+    ids = SemanticIds.build(vectors, item_ids, levels, codebook_size, name, seed=seed, balanced=balanced)
     if path is not None:
         ids.save(path)
     return ids

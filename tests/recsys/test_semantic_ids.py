@@ -113,3 +113,15 @@ def test_save_load_and_check_items(tmp_path: Path) -> None:
         ids.check_items(torch.arange(43), path_hint="ids.pt")
     with pytest.raises(ValueError, match=r"0 missing .*2 extra \(e\.g\. \[38, 39\]\)"):
         ids.check_items(torch.arange(38))
+
+
+def test_balanced_kmeans_gives_equal_clusters_and_a_shorter_suffix() -> None:
+    # one dense blob and a few outliers: plain k-means spends codes on the outliers
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(190, 16, generator=g) * 0.1, torch.randn(10, 16, generator=g) * 5])
+    plain, _ = residual_kmeans(x, 2, 8, seed=0)
+    balanced, _ = residual_kmeans(x, 2, 8, seed=0, balanced=True)
+    for level in range(2):
+        sizes = torch.bincount(balanced[:, level], minlength=8)
+        assert int(sizes.max() - sizes.min()) <= 1  # 200 / 8 = 25 each
+    assert code_stats(balanced, 8).max_collisions < code_stats(plain, 8).max_collisions  # 25 vs 63
