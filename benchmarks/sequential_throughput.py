@@ -57,7 +57,10 @@ class StepClock(L.Callback):
         self.end = time.perf_counter()
 
 
-def measure(experiment: str, overrides: list[str], device: str, warmup: int, batches: int, out: Path) -> dict:
+def fit_timed(
+    experiment: str, overrides: list[str], device: str, warmup: int, batches: int, out: Path
+) -> tuple[dict, L.LightningModule, L.LightningDataModule]:
+    """Train ``warmup + batches`` steps of an experiment; (the timing row, the module, the datamodule)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"+experiment={experiment}", *overrides])
     with open_dict(cfg):
@@ -85,13 +88,19 @@ def measure(experiment: str, overrides: list[str], device: str, warmup: int, bat
     trainer.fit(module, datamodule=datamodule)
     seconds = clock.end - clock.start
     steps = trainer.global_step - warmup
-    return {
+    row = {
         "sequences/s": clock.sequences / seconds,
         "ms/step": 1000 * seconds / steps,
         "steps": steps,
         "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
         "parameters": sum(p.numel() for p in module.net.parameters()),
     }
+    return row, module, datamodule
+
+
+def measure(experiment: str, overrides: list[str], device: str, warmup: int, batches: int, out: Path) -> dict:
+    """The timing row of :func:`fit_timed`."""
+    return fit_timed(experiment, overrides, device, warmup, batches, out)[0]
 
 
 def main() -> None:
