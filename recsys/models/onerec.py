@@ -178,13 +178,13 @@ class OneRec(nn.Module):
             layer, encoder_blocks, norm=nn.LayerNorm(d), enable_nested_tensor=False
         )
 
-        def ffn() -> nn.Module:
+        def feed_forward() -> nn.Module:
             if ffn == "dense":
                 return DenseFFN(d, dense_hidden_for(d, expert_hidden, top_k), dropout)
             return SparseMoE(d, expert_hidden, num_experts, top_k, capacity_factor, dropout)
 
         self.decoder = nn.ModuleList(
-            DecoderBlock(d, num_heads, dropout, ffn()) for _ in range(decoder_blocks)
+            DecoderBlock(d, num_heads, dropout, feed_forward()) for _ in range(decoder_blocks)
         )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, total)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from recsys.models.moe import DenseFFN, SparseMoE
 from recsys.models.onerec import NEG, OneRec, dpo_loss, ranked_scores
 from recsys.semantic_ids import SemanticIds
 
@@ -127,6 +128,16 @@ def test_dpo_loss() -> None:
 def test_ranked_scores() -> None:
     scores = ranked_scores(torch.tensor([[4, 1, -1]]), 6)
     assert scores[0, 4] > scores[0, 1] > NEG and (scores[0, [0, 2, 3, 5]] == NEG).all()
+
+
+def test_dense_control_has_the_active_parameters_of_the_moe() -> None:
+    moe, dense = _net("moe"), _net("dense")
+    assert all(isinstance(b.ffn, SparseMoE) for b in moe.decoder)
+    assert all(isinstance(b.ffn, DenseFFN) for b in dense.decoder)
+    ffn_moe = sum(b.ffn.active_parameters() - b.ffn.router.weight.numel() for b in moe.decoder)
+    ffn_dense = sum(p.numel() for b in dense.decoder for p in b.ffn.parameters())
+    assert ffn_moe - ffn_dense == len(moe.decoder) * (2 - 1) * 16  # top-2: one more output bias (d = 16)
+    assert sum(p.numel() for p in moe.parameters()) > sum(p.numel() for p in dense.parameters())
 
 
 def test_bad_arguments() -> None:
