@@ -155,7 +155,8 @@ class GenerativeRecommender(EvaluatedRecommender):
         )  # items by their k-means codes (no suffix)
         self.register_buffer("reward_ready", torch.zeros((), dtype=torch.bool))
         need = self.hparams.pretrain_epochs + self.hparams.rounds * self.hparams.round_epochs
-        if stage == "fit" and 0 <= (self.trainer.max_epochs or 0) < need:
+        max_epochs = self.trainer.max_epochs
+        if stage == "fit" and max_epochs is not None and 0 <= max_epochs < need:  # -1: unbounded
             log.warning(
                 "trainer.max_epochs=%d ends before alignment does (pretrain_epochs + rounds * round_epochs = "
                 "%d): the last rounds will not run",
