@@ -146,3 +146,13 @@ def test_bad_arguments() -> None:
         OneRec(ids.codes, ids.vocab_sizes, 6, 3, ffn="sparse")
     with pytest.raises(ValueError, match="outside its position's vocabulary"):
         OneRec(ids.codes + 100, ids.vocab_sizes, 6, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_matches_cpu() -> None:
+    net, h = _net(), _histories()
+    lists, scores = net.beam_search(h, net.trie(), 3, 6)
+    gpu = net.cuda()
+    lists_gpu, scores_gpu = gpu.beam_search(h.cuda(), gpu.trie(), 3, 6)
+    assert torch.equal(lists_gpu.cpu(), lists)
+    torch.testing.assert_close(scores_gpu.cpu(), scores, atol=1e-4, rtol=1e-4)
