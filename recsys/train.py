@@ -85,13 +85,20 @@ def _data_protocol(data: DictConfig) -> dict[str, object]:
 
 
 def _sequence_protocol(data: DictConfig) -> dict[str, object]:
-    split = (
-        "leave-one-out per sequence (last item test, second-to-last validation)"
-        if data.split == "leave_one_out"
-        else f"whole sessions by start time: last {data.test_share:g} test, the {data.val_share:g} before "
-        "validation; every prefix of an evaluated session predicts its next item"
-    )
-    return {
+    h = data.get("horizon", 1)
+    if data.split != "leave_one_out":
+        split = (
+            f"whole sessions by start time: last {data.test_share:g} test, the {data.val_share:g} before "
+            "validation; every prefix of an evaluated session predicts its next item"
+        )
+    elif h == 1:
+        split = "leave-one-out per sequence (last item test, second-to-last validation)"
+    else:
+        split = f"leave-{h}-out per sequence (the last {h} items test, the {h} before validation)"
+    session = {
+        "session": f"session/: each row's next {h} items (up to {h} in a session) against a list of {h}"
+    }
+    return (session if h > 1 else {}) | {
         "split": split,
         "sequences": f"chronological, last {data.max_len} items kept, left-padded",
         "cold items": f"{data.cold_share:g} of the items (seed {data.seed}) removed from training; "
@@ -128,6 +135,20 @@ def _side_information(datamodule: L.LightningDataModule) -> dict[str, object]:
     return {
         "side information": f"{aug.provider}; {aug.pairs.shape[0]} augmented pairs; users/items that fell "
         f"back to no augmentation, per task: {fell_back} (by reason: {aug.fallbacks})"
+    }
+
+
+def _semantic_ids(model: L.LightningModule) -> dict[str, object]:
+    """How a generative model's semantic IDs came out (none: empty)."""
+    ids = getattr(model, "semantic", None)
+    if ids is None:
+        return {}
+    st = ids.stats
+    used = ", ".join(f"{u:.2f}" for u in st.utilisation)
+    return {
+        "semantic IDs": f"{ids.source}; {ids.levels} levels x {ids.codebook_size} codes + a suffix of up to "
+        f"{ids.suffix_size}; items sharing their level codes: {st.collision_rate:.3f} (largest group "
+        f"{st.max_collisions}); codebook utilisation per level {used}"
     }
 
 
@@ -179,6 +200,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             "resumed from": ", ".join(resumed_from) or "no (a fresh run)",
         }
         | _side_information(datamodule)
+        | _semantic_ids(model)
     )
 
     title = cfg.get("experiment_name") or cfg.task_name
