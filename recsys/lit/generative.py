@@ -169,8 +169,9 @@ class GenerativeRecommender(EvaluatedRecommender):
                 "compares a generated list with that many next items; set them equal"
             )
 
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+    def _generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """Seeded by (seed, step): cut points on the CPU, samples on the module's device."""
+        return torch.Generator(device=device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
 
     def _trie(self):
         if getattr(self, "_trie_cache", None) is None or self._trie_cache[0] != self.device:
@@ -262,7 +263,9 @@ class GenerativeRecommender(EvaluatedRecommender):
     def _dpo_step(self, hist: Tensor, batch_idx: int) -> Tensor:
         s, n = self.hparams.num_samples, self.hparams.list_len
         self.net.eval()
-        samples = self.net.sample(hist, self._trie(), n, s, self.hparams.temperature, self._generator())
+        samples = self.net.sample(
+            hist, self._trie(), n, s, self.hparams.temperature, self._generator(hist.device)
+        )
         self.net.train()  # (B, S, N)
         b = hist.shape[0]
         rewards = self.reward_model.reward(hist.repeat_interleave(s, 0), samples.view(b * s, n)).view(b, s)
