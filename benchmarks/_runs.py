@@ -40,7 +40,7 @@ def train(out: Path, overrides: list[str]) -> dict:
 
 def cell(values: list[float], digits: int = 4) -> str:
     """``mean ± std`` over runs (std 0 for one run)."""
-    sd = statistics.stdev(values) if len(values) > 1 and all(v == v for v in values) else 0.0
+    sd = statistics.stdev(values) if len(values) > 1 and all(v == v for v in values) else 0.0  # nan: 0
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 

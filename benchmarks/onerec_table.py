@@ -14,9 +14,9 @@ softmax; session columns compare a list of N items (OneRec: the best beam of a s
 generation; SASRec: its top N next-item scores) with the next N items. Each run selects its
 epoch on val NDCG@10 and reads test once.
 
-The alignment table follows validation over each OneRec run's epochs: Recall@10 and the reward
+The alignment table reads each OneRec run's ``phases.json``: validation Recall@10 and the reward
 model's mean score of the generated lists at the end of pre-training and after each DPO round.
-The routing table reads the last pre-training epoch: the smallest and largest share of routed
+The routing table reads the last pre-training epoch there: the smallest and largest share of routed
 assignments of any expert (1/E = 0.125 when balanced), starved experts and dropped assignments.
 """
 
@@ -33,9 +33,9 @@ from pathlib import Path
 
 from _bench import machine, publish  # noqa: E402
 from _runs import REPO, add_table_arguments, cell, train  # noqa: E402
-from omegaconf import OmegaConf
 
 log = logging.getLogger("onerec_table")
+NAN = float("nan")
 HORIZON = {"ml100k": 5, "diginetica": 3}  # the experiments' data.horizon
 
 
@@ -84,13 +84,16 @@ def attempt(work: Path, name: str, dataset: str, seed: int, common: list[str]) -
 
 
 def finished(work: Path, name: str, seeds: list[int]) -> list[dict]:
-    """metrics.json of each finished run, with its model config under ``"model"``."""
+    """metrics.json of each finished run, with its phases.json (if any) under ``"phases"``."""
     runs = []
     for s in seeds:
         out = folder(work, name, s)
         if (out / "metrics.json").exists():
-            model = OmegaConf.load(out / ".hydra" / "config.yaml").model
-            runs.append(json.loads((out / "metrics.json").read_text()) | {"model": model})
+            phases = out / "phases.json"
+            runs.append(
+                json.loads((out / "metrics.json").read_text())
+                | {"phases": json.loads(phases.read_text()) if phases.exists() else {}}
+            )
     return runs
 
 
@@ -103,7 +106,7 @@ def main_table(work: Path, dataset: str, names: list[str], seeds: list[int]) -> 
         if not runs:
             continue
         flat = [r["metrics"]["test"] | r["metrics"]["val"] for r in runs]
-        cells = [cell([f.get(k, float("nan")) for f in flat]) for k in cols.values()]
+        cells = [cell([f.get(k, NAN) for f in flat]) for k in cols.values()]
         epochs = [r["protocol"]["selected epoch (0-based)"] + 1 for r in runs]
         fit = [r["timings_s"]["fit"] for r in runs]
         lines.append(
@@ -112,36 +115,27 @@ def main_table(work: Path, dataset: str, names: list[str], seeds: list[int]) -> 
     return lines
 
 
-def phase_ends(run: dict) -> list[tuple[str, int]]:
-    """(label, 0-based epoch) of the end of pre-training and of each DPO round, from the run's config."""
-    model = run["model"]
-    pre, rounds, per = model.pretrain_epochs, model.rounds, model.round_epochs
-    return [("pre-training", pre - 1)] + [(f"round {r + 1}", pre + (r + 1) * per - 1) for r in range(rounds)]
-
-
 def alignment_table(work: Path, names: list[str], seeds: list[int]) -> list[str]:
     lines = [
         "| model | after | val Recall@10 | change | val reward | change |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for name in [n for n in names if n.startswith("OneRec")]:
-        runs = finished(work, name, seeds)
+        runs = [r for r in finished(work, name, seeds) if "pre-training" in r["phases"]]
         if not runs:
             continue
-        ends = phase_ends(runs[0])
-        base = {}
-        for label, epoch in ends:
-            rec = [r["history"].get(str(epoch), {}).get("val/recall@10", float("nan")) for r in runs]
-            rew = [r["history"].get(str(epoch), {}).get("val/reward", float("nan")) for r in runs]
+        labels = [k for k in runs[0]["phases"] if all(k in r["phases"] for r in runs)]
+        base = [r["phases"]["pre-training"] for r in runs]
+        for label in labels:
+            now = [r["phases"][label] for r in runs]
+            rec = [p.get("val/recall@10", NAN) for p in now]
+            rew = [p.get("val/reward", NAN) for p in now]
             if label == "pre-training":
-                base = {"rec": rec, "rew": rew}
-                lines.append(f"| {name} | {label} | {cell(rec)} | | {cell(rew)} | |")
-            else:
-                d_rec = [a - b for a, b in zip(rec, base["rec"], strict=True)]
-                d_rew = [a - b for a, b in zip(rew, base["rew"], strict=True)]
-                lines.append(
-                    f"| {name} | {label} | {cell(rec)} | {cell(d_rec)} | {cell(rew)} | {cell(d_rew)} |"
-                )
+                lines.append(f"| {name} ({len(runs)} seeds) | {label} | {cell(rec)} | | {cell(rew)} | |")
+                continue
+            d_rec = [a - b.get("val/recall@10", NAN) for a, b in zip(rec, base, strict=True)]
+            d_rew = [a - b.get("val/reward", NAN) for a, b in zip(rew, base, strict=True)]
+            lines.append(f"| {name} | {label} | {cell(rec)} | {cell(d_rec)} | {cell(rew)} | {cell(d_rew)} |")
     return lines
 
 
@@ -150,16 +144,13 @@ def routing_table(work: Path, names: list[str], seeds: list[int]) -> list[str]:
     keys["dropped"] = "moe/dropped"
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name in [n for n in names if "MoE" in n]:
-        runs = finished(work, name, seeds)
-        if not runs:
-            continue
-        epoch = str(phase_ends(runs[0])[0][1])
-        hist = [r["history"].get(epoch, {}) for r in runs]
-        lines.append(
-            f"| {name} | "
-            + " | ".join(cell([h.get(k, float("nan")) for h in hist]) for k in keys.values())
-            + " |"
-        )
+        runs = [
+            r["phases"]["pre-training"] for r in finished(work, name, seeds) if "pre-training" in r["phases"]
+        ]
+        if runs:
+            lines.append(
+                f"| {name} | " + " | ".join(cell([r.get(k, NAN) for r in runs]) for k in keys.values()) + " |"
+            )
     return lines
 
 

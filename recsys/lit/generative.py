@@ -28,6 +28,11 @@ logged per epoch: ``moe/min_share`` and ``moe/max_share`` (of the processed assi
 experts and blocks, 1/E each when balanced), ``moe/starved`` (experts under a tenth of their
 share) and ``moe/dropped`` (share of assignments dropped by capacity).
 
+At the validation that ends pre-training and each round (so ``check_val_every_n_epoch`` must fall
+on those epochs), the validation metrics, the mean reward and, for pre-training, the routing
+summary are kept in :attr:`GenerativeRecommender.phases` (saved in checkpoints) and written to
+``phases.json`` in the run folder: the effect of each DPO round, apart from model selection.
+
 Only items seen in a training row can be generated (the trie holds those), as SASRec learns
 nothing about the others.
 """
@@ -35,8 +40,11 @@ nothing about the others.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -133,6 +141,8 @@ class GenerativeRecommender(EvaluatedRecommender):
         self._histories: dict[str, Tensor] = {}
         self._moe: dict[str, Tensor] = {}
         self._reward_sums: list[Tensor] = []
+        self._routing: dict[str, float] = {}  # the last training epoch's routing summary
+        self.phases: dict[str, dict[str, float]] = {}  # phase -> validation at its end (phases.json)
 
     # ------------------------------------------------------------------ setup
 
@@ -306,14 +316,13 @@ class GenerativeRecommender(EvaluatedRecommender):
         shares = torch.stack([expert_utilisation(self._moe[k]) for k in blocks])  # (blocks, E)
         starved = sum(starved_experts(self._moe[k]) for k in blocks)
         drop = torch.stack([self._moe[k + "/drop"] for k in blocks]).sum(0)
-        self.log_dict(
-            {
-                "moe/min_share": shares.min(),
-                "moe/max_share": shares.max(),
-                "moe/starved": float(starved),
-                "moe/dropped": drop[0] / drop[1].clamp(min=1),
-            }
-        )
+        self._routing = {
+            "moe/min_share": float(shares.min()),
+            "moe/max_share": float(shares.max()),
+            "moe/starved": float(starved),
+            "moe/dropped": float(drop[0] / drop[1].clamp(min=1)),
+        }
+        self.log_dict(self._routing)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -355,18 +364,47 @@ class GenerativeRecommender(EvaluatedRecommender):
             for name, values in result.metrics.items():
                 self._per_user[prefix + name].append(values.detach().cpu())
 
+    def _phase_end(self) -> str | None:
+        """The phase the current epoch ends ("pre-training", "round 1", ...), or None."""
+        e, pre, per = self.current_epoch, self.hparams.pretrain_epochs, self.hparams.round_epochs
+        if e == pre - 1:
+            return "pre-training"
+        done, rest = divmod(e - pre + 1, per)
+        return f"round {done}" if e >= pre and rest == 0 and done <= self.hparams.rounds else None
+
     def _eval_epoch_end(self, stage: str) -> None:
         self._histories.pop(stage, None)
+        reward = None
         if self._reward_sums:
-            self.log(f"{stage}/reward", torch.cat(self._reward_sums).double().mean().item())
+            reward = torch.cat(self._reward_sums).double().mean().item()
+            self.log(f"{stage}/reward", reward)
             self._reward_sums = []
+        label = self._phase_end() if stage == "val" and self.trainer.state.fn == "fit" else None
+        if label is not None and not self.trainer.sanity_checking:
+            means = {f"val/{k}": torch.cat(v).double().mean().item() for k, v in self._per_user.items()}
+            self.phases[label] = (
+                means | ({"val/reward": reward} if reward is not None else {}) | self._routing
+            )
+            self._write_phases()
         super()._eval_epoch_end(stage)
+
+    def _write_phases(self) -> None:
+        """phases.json in the run folder: validation at the end of pre-training and of each round."""
+        path = Path(self.trainer.default_root_dir) / "phases.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.phases, indent=1))
+        os.replace(tmp, path)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["onerec_phases"] = self.phases
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(params=self.net.parameters())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint whose semantic IDs differ from the ones built from this data."""
+        self.phases = dict(checkpoint.get("onerec_phases", {}))
         saved = checkpoint.get("state_dict", {}).get("codes")
         if saved is not None and (
             saved.shape != self.codes.shape or not torch.equal(saved.cpu(), self.codes.cpu())

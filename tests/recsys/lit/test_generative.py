@@ -3,6 +3,7 @@ model, expert utilisation, and a checkpoint from other semantic IDs refused."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import lightning as L
@@ -83,6 +84,14 @@ def test_alignment_ran_and_experts_were_used(fitted: dict) -> None:
     assert "train/sample_reward" in logged and "train/reward_gap" in logged  # the DPO epoch ran
     assert fitted["lit"]._reference  # a frozen reference
     assert logged["moe/starved"] == 0 and logged["moe/min_share"] > 0.02
+
+
+def test_phase_ends_are_recorded(fitted: dict) -> None:
+    phases = fitted["lit"].phases
+    assert list(phases) == ["pre-training", "round 1"]
+    assert phases["pre-training"]["moe/starved"] == 0 and "val/reward" in phases["round 1"]
+    saved = json.loads((fitted["tmp"] / "phases.json").read_text())
+    assert saved["round 1"]["val/recall@10"] == phases["round 1"]["val/recall@10"]
 
 
 def test_reward_model_ranks_real_next_clicks_over_random_items(fitted: dict) -> None:
