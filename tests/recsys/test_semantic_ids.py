@@ -125,3 +125,24 @@ def test_balanced_kmeans_gives_equal_clusters_and_a_shorter_suffix() -> None:
         sizes = torch.bincount(balanced[:, level], minlength=8)
         assert int(sizes.max() - sizes.min()) <= 1  # 200 / 8 = 25 each
     assert code_stats(balanced, 8).max_collisions < code_stats(plain, 8).max_collisions  # 25 vs 63
+
+
+def test_for_datamodule_refuses_a_file_that_does_not_cover_the_items(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from recsys.semantic_ids import for_datamodule
+
+    text = torch.nn.functional.normalize(
+        torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1
+    )
+    dm = SimpleNamespace(item_ids=torch.arange(100, 140), metadata=SimpleNamespace(text=text), dataset="toy")
+    path = tmp_path / "ids.pt"
+    made = for_datamodule(dm, source="text", levels=2, codebook_size=4, path=path)  # built, then saved
+    assert path.exists() and torch.equal(for_datamodule(dm, "text", 2, 4, path=path).codes, made.codes)
+    other = SimpleNamespace(item_ids=torch.arange(100, 145), metadata=dm.metadata, dataset="toy")
+    with pytest.raises(ValueError, match="5 missing"):
+        for_datamodule(other, source="text", levels=2, codebook_size=4, path=path)
+    with pytest.raises(ValueError, match="no item text"):
+        for_datamodule(
+            SimpleNamespace(item_ids=dm.item_ids, metadata=SimpleNamespace(text=None), dataset="toy")
+        )
