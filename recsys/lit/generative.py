@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from recsys.code_trie import CodeTrie
 from recsys.data.sequences import PAD, cut_rows
 from recsys.lit.evaluation import EvaluatedRecommender
 from recsys.models.moe import expert_utilisation, starved_experts
@@ -142,6 +143,7 @@ class GenerativeRecommender(EvaluatedRecommender):
         self._moe: dict[str, Tensor] = {}
         self._reward_sums: list[Tensor] = []
         self._routing: dict[str, float] = {}  # the last training epoch's routing summary
+        self._trie_cache: tuple[torch.device, CodeTrie] | None = None  # generable items, on the device
         self.phases: dict[str, dict[str, float]] = {}  # phase -> validation at its end (phases.json)
 
     # ------------------------------------------------------------------ setup
@@ -183,8 +185,8 @@ class GenerativeRecommender(EvaluatedRecommender):
         """Seeded by (seed, step): cut points on the CPU, samples on the module's device."""
         return torch.Generator(device=device).manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
 
-    def _trie(self):
-        if getattr(self, "_trie_cache", None) is None or self._trie_cache[0] != self.device:
+    def _trie(self) -> CodeTrie:
+        if self._trie_cache is None or self._trie_cache[0] != self.device:
             self._trie_cache = (self.device, self.net.trie(self.generable))
         return self._trie_cache[1]
 
