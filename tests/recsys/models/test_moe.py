@@ -19,13 +19,7 @@ from recsys.models.moe import (
 D, H, E = 6, 5, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops run far faster on one thread than on contended intra-op threads (2-core CI)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moe(seed: int = 0, **kw) -> SparseMoE:

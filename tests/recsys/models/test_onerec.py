@@ -15,12 +15,7 @@ from recsys.semantic_ids import SemanticIds
 N_ITEMS = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(ffn: str = "moe", list_len: int = 3, seed: int = 0, levels: int = 2, codebook: int = 4) -> OneRec:
