@@ -384,7 +384,7 @@ class GenerativeRecommender(EvaluatedRecommender):
         label = self._phase_end() if stage == "val" and self.trainer.state.fn == "fit" else None
         if label is not None and not self.trainer.sanity_checking:
             means = {f"val/{k}": torch.cat(v).double().mean().item() for k, v in self._per_user.items()}
-            routing = self._routing if label == "pre-training" else {}  # DPO steps route nothing new
+            routing = self._routing if label == "pre-training" else {}  # counted in pre-training only
             self.phases[label] = means | ({"val/reward": reward} if reward is not None else {}) | routing
             self._write_phases()
         super()._eval_epoch_end(stage)
