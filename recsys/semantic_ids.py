@@ -475,7 +475,40 @@ class SemanticIds:
 # from a datamodule
 # ---------------------------------------------------------------------------------------------------------
 
-SOURCES = ("text", "collaborative")
+SOURCES = ("text", "collaborative", "checkpoint")
+
+
+def checkpoint_vectors(ckpt_path: str | Path, item_ids: Tensor, data_dir: str | Path | None = None) -> Tensor:
+    """(I, d) item embeddings of a trained dot-product recommender (e.g. LightGCN), in ``item_ids`` order.
+
+    The checkpoint must be of the same dataset (the same item id space); items it does not know get
+    zero vectors (counted, warned). Its training interactions are not checked against the caller's
+    split: a checkpoint trained on a split whose training part holds the caller's validation or
+    test interactions leaks them into the codes.
+    """
+    from recsys.serving import load_recommender
+
+    rec = load_recommender(ckpt_path, data_dir)
+    known = rec.datamodule.item_ids  # (I',) dataset ids of the checkpoint's rows
+    order = known.argsort()
+    pos = torch.searchsorted(known[order], item_ids).clamp(max=known.numel() - 1)
+    row = order[pos]
+    found = known[row] == item_ids
+    vectors = torch.where(found.unsqueeze(1), rec.item_emb[row], 0.0)
+    if not found.all():
+        log.warning(
+            "%s knows %d of the %d items; the others get zero vectors (they will share codes)",
+            ckpt_path,
+            int(found.sum()),
+            item_ids.numel(),
+        )
+    log.warning(
+        "semantic IDs from %s (%s): make sure its training data holds none of this run's validation or "
+        "test interactions",
+        ckpt_path,
+        rec.fingerprint.model,
+    )
+    return vectors
 
 
 def for_datamodule(
@@ -487,6 +520,7 @@ def for_datamodule(
     dim: int = 64,
     balanced: bool = True,
     path: str | Path | None = None,
+    checkpoint: str | Path | None = None,
 ) -> SemanticIds:
     """Semantic IDs of a :class:`~recsys.data.sequences.SequenceDataModule`'s items.
 
@@ -496,13 +530,16 @@ def for_datamodule(
             ``"collaborative"``: co-occurrence in the training rows only (PPMI + SVD,
             :func:`recsys.data.item_vectors.cooccurrence_vectors`) next to the metadata one-hots
             (:func:`~recsys.data.item_vectors.metadata_vectors`), which place the items that never
-            occur in training.
+            occur in training; ``"checkpoint"``: the item embeddings of ``checkpoint``, a trained
+            LightGCN (or any dot-product recommender) of the same dataset
+            (:func:`checkpoint_vectors`).
         levels: residual k-means levels.
         codebook_size: codes per level.
         seed: k-means (and SVD) seed.
         dim: width of the collaborative vectors.
         balanced: equal-size clusters (OneRec's balanced k-means; see :func:`residual_kmeans`).
         path: optional file: loaded (and checked against the items) when it exists, else written.
+        checkpoint: the ``"checkpoint"`` source's training checkpoint.
     """
     from recsys.data.item_vectors import cooccurrence_vectors, metadata_vectors
 
@@ -526,6 +563,13 @@ def for_datamodule(
                 "use source=collaborative"
             )
         vectors, name = meta.text, "text:all-MiniLM-L6-v2"
+    elif source == "checkpoint":
+        if checkpoint is None:
+            raise ValueError(
+                "semantic_ids.source=checkpoint needs semantic_ids.checkpoint=<a training checkpoint of a "
+                "dot-product recommender, e.g. LightGCN, on the same dataset>"
+            )
+        vectors, name = checkpoint_vectors(checkpoint, item_ids), f"checkpoint:{Path(checkpoint).name}"
     else:
         collab = cooccurrence_vectors(datamodule.train_rows, datamodule.num_items, dim, seed=seed)
         vectors, name = torch.cat([collab, metadata_vectors(meta)], 1), "collaborative:ppmi-svd+metadata"
