@@ -65,7 +65,8 @@ class RunInfo(Callback):
     """Writes the run's config and fingerprint into checkpoints and keeps per-epoch history.
 
     The history is recorded at the end of each training epoch, from the epoch's mean train
-    loss and the validation metrics logged in that epoch; with the default checkpointing
+    loss and the validation metrics logged in that epoch (none in an epoch without validation,
+    e.g. with ``check_val_every_n_epoch`` > 1); with the default checkpointing
     (validation every epoch) this happens before the epoch's checkpoints are saved, so each
     checkpoint holds the history up to and including its own epoch.
 
@@ -85,12 +86,19 @@ class RunInfo(Callback):
         self.keys = keys
         self.history: dict[int, dict[str, float]] = {}
         self.resumed_from: list[str] = []
+        self._validated = -1  # the last epoch whose validation ran
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        validated = self._validated == trainer.current_epoch  # else the val/ metrics are an earlier epoch's
         row = {
             k: float(v)
             for k, v in trainer.callback_metrics.items()
-            if k in self.keys or (k.startswith("val/") and not k.split("/")[-1].startswith("num_"))
+            if k in self.keys
+            or (validated and k.startswith("val/") and not k.split("/")[-1].startswith("num_"))
         }
         self.history[trainer.current_epoch] = dict(sorted(row.items()))
 
