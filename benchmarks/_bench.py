@@ -39,3 +39,22 @@ def machine() -> str:
     except ImportError:
         pass
     return cpu_model()
+
+
+def torch_section(title: str, detail: str, lines: list[str]) -> str:
+    """A results section of a torch benchmark: dated title, machine, threads, the command line, the table."""
+    import datetime as dt
+
+    import torch
+
+    cmd = "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    return "\n".join(
+        [
+            f"## {title} - {dt.datetime.now():%Y-%m-%dT%H:%M}",
+            "",
+            f"Machine: {machine()}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} CPU threads. Command: `{cmd.strip()}`. {detail}",
+            "",
+            *lines,
+        ]
+    )

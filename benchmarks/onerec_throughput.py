@@ -18,14 +18,11 @@ per second after one untimed batch; the ratio column compares with the dense con
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _bench import machine, publish  # noqa: E402
+from _bench import publish, torch_section  # noqa: E402
 from sequential_throughput import fit_timed  # noqa: E402
 
 VARIANTS = {"OneRec, sparse MoE": [], "OneRec, dense control": ["model.net.ffn=dense"]}
@@ -94,19 +91,12 @@ def main() -> None:
         ],
     ]
     cuts, (w_next, w_list, n) = rows[name]["cuts"], rows[name]["widths"]
-    cmd = "python benchmarks/onerec_throughput.py " + " ".join(sys.argv[1:])
-    text = "\n".join(
-        [
-            f"## OneRec throughput, {args.data}, {args.device} - {dt.datetime.now():%Y-%m-%dT%H:%M}",
-            "",
-            f"Machine: {machine()}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} CPU threads. Command: `{cmd.strip()}`. Training: {args.warmup} "
-            f"warm-up batches, then {args.batches} timed, each row cut {cuts} times. Generation: batches of "
-            f"{args.users} validation histories, next item at beam width {w_next}, lists of {n} at width "
-            f"{w_list}, trie-constrained, KV-cached.",
-            "",
-            *lines,
-        ]
+    text = torch_section(
+        f"OneRec throughput, {args.data}, {args.device}",
+        f"Training: {args.warmup} warm-up batches, then {args.batches} timed, each row cut {cuts} times. "
+        f"Generation: batches of {args.users} validation histories, next item at beam width {w_next}, lists "
+        f"of {n} at width {w_list}, trie-constrained, KV-cached.",
+        lines,
     )
     publish(text + "\n", append=not args.no_append)
 

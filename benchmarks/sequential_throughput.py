@@ -13,15 +13,12 @@ milliseconds per step, the ratio to SASRec in the same run and, on CUDA, the pea
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import platform
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from _bench import machine, publish  # noqa: E402
+from _bench import publish, torch_section  # noqa: E402
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
@@ -137,18 +134,11 @@ def main() -> None:
             for n, r in rows.items()
         ],
     ]
-    cmd = "python benchmarks/sequential_throughput.py " + " ".join(sys.argv[1:])
-    now = dt.datetime.now()
-    text = "\n".join(
-        [
-            f"## Sequential training throughput, {args.data}, {args.device} - {now:%Y-%m-%dT%H:%M}",
-            "",
-            f"Machine: {machine()}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} CPU threads. Command: `{cmd.strip()}`. Through Lightning with the "
-            f"experiments' configs (full softmax), {args.warmup} warm-up batches, then {args.batches} timed.",
-            "",
-            *lines,
-        ]
+    text = torch_section(
+        f"Sequential training throughput, {args.data}, {args.device}",
+        f"Through Lightning with the experiments' configs (full softmax), {args.warmup} warm-up batches, "
+        f"then {args.batches} timed.",
+        lines,
     )
     publish(text + "\n", append=not args.no_append)
 
