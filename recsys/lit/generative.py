@@ -11,7 +11,9 @@ Phases, by epoch (``trainer.max_epochs = pretrain_epochs + rounds * round_epochs
    current model is frozen as the reference :math:`\pi_{ref}`. Each batch, ``num_samples`` lists
    per history are sampled from the policy (temperature ``temperature``, trie-constrained), the
    reward model scores them, and the best and the worst form a (chosen, rejected) pair trained
-   with DPO (:func:`~recsys.models.onerec.dpo_loss`, strength ``beta``).
+   with DPO (:func:`~recsys.models.onerec.dpo_loss`, strength ``beta``). The reference is not
+   saved in checkpoints: a run resumed in the middle of a round freezes its resumed model as the
+   round's reference.
 
 The reward model (:class:`~recsys.models.reward.ListRewardModel`) is trained once, at the start of
 fitting, on the training rows' engagement only (``train_engaged`` of the datamodule: cut points,
