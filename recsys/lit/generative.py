@@ -146,6 +146,7 @@ class GenerativeRecommender(EvaluatedRecommender):
         self._reward_sums: list[Tensor] = []
         self._routing: dict[str, float] = {}  # the last training epoch's routing summary
         self._trie_cache: tuple[torch.device, CodeTrie] | None = None  # generable items, on the device
+        self._reward_auc: float | None = None  # held-out AUC of the reward model, once fitted
         self.phases: dict[str, dict[str, float]] = {}  # phase -> validation at its end (phases.json)
 
     # ------------------------------------------------------------------ setup
@@ -248,7 +249,7 @@ class GenerativeRecommender(EvaluatedRecommender):
 
     def on_train_epoch_start(self) -> None:
         self._moe = {}
-        if hasattr(self, "_reward_auc"):
+        if self._reward_auc is not None:
             self.log("reward/auc", self._reward_auc)
         kind, r = self._phase()
         starts_round = (
@@ -284,7 +285,8 @@ class GenerativeRecommender(EvaluatedRecommender):
         b = hist.shape[0]
         rewards = self.reward_model.reward(hist.repeat_interleave(s, 0), samples.view(b * s, n)).view(b, s)
         best, worst = rewards.argmax(1), rewards.argmin(1)
-        keep = rewards.max(1).values > rewards.min(1).values
+        gap = rewards.max(1).values - rewards.min(1).values  # (B,)
+        keep = gap > 0
         rows = torch.arange(b, device=hist.device)[keep]
         chosen, rejected, h = samples[rows, best[keep]], samples[rows, worst[keep]], hist[keep]
         policy_c, policy_r = self.net.list_logprob(h, chosen), self.net.list_logprob(h, rejected)
@@ -295,7 +297,7 @@ class GenerativeRecommender(EvaluatedRecommender):
         self.log("train/sample_reward", rewards.mean(), on_step=False, on_epoch=True)
         self.log(
             "train/reward_gap",
-            (rewards.max(1).values - rewards.min(1).values).mean(),
+            gap.mean(),
             on_step=False,
             on_epoch=True,
         )

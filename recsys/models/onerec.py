@@ -232,8 +232,8 @@ class OneRec(nn.Module):
         levels = torch.arange(start, start + t, device=inputs.device) % self.depth
         return logits.masked_fill(~self.level_mask[levels], float("-inf")), stats
 
-    def _teacher_forced(self, histories: Tensor, lists: Tensor) -> tuple[Tensor, Tensor, Tensor, list]:
-        """(log-probs of the target tokens (B, N*D), target real mask, logits, routing stats)."""
+    def _teacher_forced(self, histories: Tensor, lists: Tensor) -> tuple[Tensor, Tensor, list]:
+        """(log-probs of the target tokens (B, N*D), target real mask, routing stats)."""
         b = lists.shape[0]
         real_items = lists != PAD  # (B, N)
         targets = self.tokens[lists.clamp(min=0)].reshape(b, -1)  # (B, N*D)
@@ -242,7 +242,7 @@ class OneRec(nn.Module):
         inputs = torch.cat([bos, targets[:, :-1]], 1)
         logits, stats = self.decode(self.memory(*self.encode(histories)), inputs, real)
         logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, N*D)
-        return logp.masked_fill(~real, 0.0), real, logits, stats
+        return logp.masked_fill(~real, 0.0), real, stats
 
     def losses(self, histories: Tensor, futures: Tensor) -> dict[str, Tensor | list[RoutingStats]]:
         """Next-token loss of the future lists plus the routing losses.
@@ -254,7 +254,7 @@ class OneRec(nn.Module):
         Returns:
             ``{"nll": (), "aux": (), "z": (), "routing": [RoutingStats per decoder block]}``.
         """
-        logp, real, _, stats = self._teacher_forced(histories, futures)
+        logp, real, stats = self._teacher_forced(histories, futures)
         nll = -logp.sum() / real.sum().clamp(min=1)
         aux = torch.stack([s.aux_loss for s in stats]).mean()
         z = torch.stack([s.z_loss for s in stats]).mean()

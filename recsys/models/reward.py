@@ -94,12 +94,10 @@ def auc(scores: Tensor, labels: Tensor) -> float:
     pos, neg = scores[labels], scores[~labels]
     if pos.numel() == 0 or neg.numel() == 0:
         return float("nan")
-    ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1  # ranks without tie averaging
-    order = torch.cat([pos, neg])
-    # average ranks over ties
-    uniq, inverse = torch.unique(order, return_inverse=True)
+    values = torch.cat([pos, neg])
+    ranks = values.argsort().argsort().double() + 1  # 1-based ranks, ties in arbitrary order
+    uniq, inverse = torch.unique(values, return_inverse=True)  # then the mean rank of each tie group
     sums = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.bincount(inverse, minlength=uniq.numel()).double()
-    ranks = (sums / counts)[inverse]
+    ranks = (sums / torch.bincount(inverse, minlength=uniq.numel()).double())[inverse]
     u = ranks[: pos.numel()].sum() - pos.numel() * (pos.numel() + 1) / 2
     return float(u / (pos.numel() * neg.numel()))
