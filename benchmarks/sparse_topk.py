@@ -61,15 +61,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retrieval.kernels.sparse_topk import (  # noqa: E402
-    InvertedIndex,
-    SingleQuerySearch,
-    block_pointers,
-    csr_rows,
-    head_pays_off,
-    sparse_topk_reference,
-    sparse_topk_triton,
-)
+from retrieval.kernels.inverted_index import InvertedIndex, block_pointers, csr_rows  # noqa: E402
+from retrieval.kernels.sparse_head import head_pays_off  # noqa: E402
+from retrieval.kernels.sparse_single import SingleQuerySearch  # noqa: E402
+from retrieval.kernels.sparse_topk import sparse_topk_reference, sparse_topk_triton  # noqa: E402
 
 log = logging.getLogger("sparse_topk")
 RESULTS = REPO / "benchmarks" / "RESULTS.md"

@@ -11,6 +11,10 @@ word-pieces, in corpus order (no length sorting). Heads compared, on the same mo
   masked max (the anchors: float32 at batch 128, bfloat16 autocast at batch 512);
 * chunked: :func:`retrieval.kernels.splade_head.splade_head_reference`, 4096 terms per chunk;
 * fused: :func:`retrieval.kernels.splade_head.splade_head_triton` at ``--fused-batches``;
+* fused as :class:`~retrieval.encoders.splade.SpladeEncoder` runs it with ``dtype="bfloat16"``
+  (CUDA): the model's weights cast to bfloat16 (no autocast), and with ``compile=True`` its
+  transformer body compiled (timed on a second pass, after every batch shape has compiled);
+  ratios against the plain bfloat16-autocast head;
 * where the time goes: the encoder alone (no vocabulary projection: no head can beat it), and
   the plain head with tokenization inside the timed loop (as an end-to-end encoder runs);
 * end to end (``--e2e-repeat`` > 0): raw texts in, vectors out, tokenization timed, on the corpus
@@ -59,6 +63,8 @@ NO_HEAD = "encoder only (no head: the bound)"
 TOKENIZED = "plain, tokenizing while timed"
 E2E_PLAIN = "plain HF, tokenizing batch by batch"
 TOKENIZER = "tokenizer alone, chunks of 10,000"
+WEIGHTS = "bf16 weights"  # the model cast to bfloat16 (SpladeEncoder's dtype), no autocast
+COMPILED = "bf16 weights, compiled body"  # and its transformer body compiled (SpladeEncoder's compile)
 
 
 def read_corpus(path: Path, limit: int | None) -> list[str]:
@@ -206,7 +212,21 @@ def synchronize(device: str) -> None:
 
 
 def autocast(device: str, dtype: str):
+    """bfloat16 autocast for ``"bf16"``; nothing for ``"fp32"`` and for models cast to bfloat16."""
     return torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+
+
+def half_models(model_dir: Path, device: str) -> dict[str, torch.nn.Module]:
+    """The model as :class:`~retrieval.encoders.splade.SpladeEncoder` runs it with ``dtype="bfloat16"``:
+    weights cast to bfloat16, without and with its transformer body compiled (``compile=True``)."""
+    import transformers
+
+    def load() -> torch.nn.Module:
+        return transformers.AutoModelForMaskedLM.from_pretrained(model_dir).to(device, torch.bfloat16).eval()
+
+    compiled = load()
+    compiled.base_model.compile()
+    return {WEIGHTS: load(), COMPILED: compiled}
 
 
 def encode_stats(model, head: Head, batches: list[Batch], device: str, dtype: str) -> dict:
@@ -412,7 +432,20 @@ def main() -> None:
         stats = text_stats(model, tokenizer, texts, anchor_batch[dtype], args.max_length, args.device, dtype)
         rows.append((TOKENIZED, dtype, anchor_batch[dtype], stats, None))
         log.info("%s %s batch %d: %s", TOKENIZED, dtype, anchor_batch[dtype], stats)
+    if args.device == "cuda":  # the fused head as SpladeEncoder runs it: bf16 weights, compiled or not
+        batch = max(fused_batches)
+        for dtype, half in half_models(args.model, args.device).items():
+            for name, head in (("fused", by_name["fused"]), (NO_HEAD, encoder_only)):
+                encode_stats(half, head, tokenized[batch], args.device, dtype)  # compiles every shape
+                stats = encode_stats(half, head, tokenized[batch], args.device, dtype)
+                diff = None
+                if name == "fused":
+                    diff = (vectors(half, head, compare, args.device, dtype) - truth).abs().max().item()
+                rows.append((name, dtype, batch, stats, diff))
+                log.info("%s %s batch %d: %s, max |diff| %s", name, dtype, batch, stats, diff)
     anchors = {dtype: s for name, dtype, batch, s, _ in rows if name == "plain"}
+    if "bf16" in anchors:
+        anchors[WEIGHTS] = anchors[COMPILED] = anchors["bf16"]
     machine = (
         torch.cuda.get_device_name()
         if args.device == "cuda"

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BATCHES = 8  # progress=None shows a bar only for inputs of at least this many batches
 _SORT_CHUNK = 10_000  # texts tokenized, sorted by length and batched together (bounds memory)
-_AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _PROBE_TEXTS = [  # checked against the model's tokenize before the Rust path is trusted
     "",
     "x",
@@ -43,8 +43,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """The autocast dtype named by ``dtype`` (``"bfloat16"``, ``"float16"``, a torch dtype), None for float32.
+def reduced_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The half-precision dtype named by ``dtype`` (``"bfloat16"``, ``"float16"``, a torch dtype).
+
+    None for float32.
 
     Raises:
         ValueError: any other value.
@@ -53,11 +55,9 @@ def autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return None
     if dtype in (torch.bfloat16, torch.float16):
         return dtype
-    if dtype not in _AUTOCAST_DTYPES:
-        raise ValueError(
-            f"dtype must be one of {sorted(_AUTOCAST_DTYPES)}, a torch dtype or None, got {dtype!r}"
-        )
-    return _AUTOCAST_DTYPES[dtype]
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, a torch dtype or None, got {dtype!r}")
+    return _DTYPES[dtype]
 
 
 def model_name(model: str | Path) -> str:
@@ -270,10 +270,15 @@ class SpladeEncoder:
             of the vector, ``0 < prune_ratio <= 1``.
         chunk_size: (int | None, default 4096) vocabulary rows per pooling chunk; ``None`` pools
             through the full logits.
-        dtype: (str | torch.dtype | None, default None) run the model under ``torch.autocast`` in
-            this dtype (``"bfloat16"`` or ``"float16"``; on CUDA the fused SPLADE head then
-            multiplies in it, with float32 accumulation); ``None`` or ``"float32"``: float32.
-            The vectors are float32 either way.
+        dtype: (str | torch.dtype | None, default None) cast the model's weights to this dtype
+            (``"bfloat16"`` or ``"float16"``) and run it in it: the encoder only encodes, so no
+            float32 master copy is needed, and on the H200 this runs the encoder about twice as
+            fast as ``torch.autocast`` (which re-casts every weight at every call). On CUDA the
+            fused SPLADE head multiplies in this dtype with float32 accumulation. ``None`` or
+            ``"float32"``: float32. The vectors are float32 either way.
+        compile: (bool, default False) ``torch.compile`` the model's transformer body
+            (``model.base_model``): faster encoding once compiled (a one-off cost of tens of
+            seconds, so for large corpora), same vectors up to floating-point rounding.
         tokenize_workers: (int | None, default None) threads that tokenize chunks ahead of the
             model; 0 tokenizes each chunk when the model needs it; ``None``: 1 on CUDA, 0 on CPU
             (where the model already keeps every core busy).
@@ -299,6 +304,7 @@ class SpladeEncoder:
         chunk_size: int | None = 4096,
         dtype: str | torch.dtype | None = None,
         tokenize_workers: int | None = None,
+        compile: bool = False,
     ):
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for special tokens), got {max_length}")
@@ -312,7 +318,7 @@ class SpladeEncoder:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         if tokenize_workers is not None and tokenize_workers < 0:
             raise ValueError(f"tokenize_workers must be >= 0 or None, got {tokenize_workers}")
-        self.dtype = autocast_dtype(dtype)
+        self.dtype = reduced_dtype(dtype)
         self.name = model_name(model)
         self.tokenizer_name = self.name
         directory = model_dir(model)
@@ -326,8 +332,12 @@ class SpladeEncoder:
         self.top_k = top_k
         self.prune_ratio = prune_ratio
         self.sparse_model = (
-            load_sparse_model(directory, chunk_size, zero_special_tokens).to(self.device).eval()
+            load_sparse_model(directory, chunk_size, zero_special_tokens)
+            .to(self.device, self.dtype or torch.float32)
+            .eval()
         )
+        if compile:
+            self.sparse_model.model.base_model.compile()
         self.model = self.sparse_model.model
         self.tokenizer = self.sparse_model.tokenizer
         self.vocab_size = self.sparse_model.vocab_size
@@ -464,6 +474,5 @@ class SpladeEncoder:
     def _encode_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, V) pruned SPLADE weights of one padded batch, on the encoder's device."""
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            weights = self.sparse_model(**batch)  # (B, V) float32, special tokens already zeroed
+        weights = self.sparse_model(**batch).float()  # (B, V), special tokens already zeroed
         return prune_weights(weights, self.top_k, self.prune_ratio)

@@ -1,14 +1,14 @@
 """An exact sparse index on the GPU: a term-major inverted index scored by the sparse top-k kernel.
 
 The same vectors as ``sparse_torch`` (SPLADE documents; SPLADE or IDF queries), stored as the
-inverted index of :class:`~retrieval.kernels.sparse_topk.InvertedIndex` -- per term, int32
+inverted index of :class:`~retrieval.kernels.inverted_index.InvertedIndex` -- per term, int32
 document ids and float16 (or bfloat16 / float32) weights: 6 bytes per non-zero in float16 against
 ``sparse_torch``'s 12. Queries are scored with :func:`~retrieval.kernels.sparse_topk.sparse_topk`:
 the Triton kernel on a GPU, the torch reference on the CPU; both exact up to the weights'
 rounding to ``weight_dtype`` (recorded in the manifest) and the order of equal scores. On a GPU,
 batches are scored with a dense head of the most frequent terms (``head_terms``, built on load:
 ``2 N H`` bytes in float16) and single queries replay a CUDA graph
-(:class:`~retrieval.kernels.sparse_topk.SingleQuerySearch`).
+(:class:`~retrieval.kernels.sparse_single.SingleQuerySearch`).
 
 On disk, an index directory holds:
 
@@ -41,13 +41,9 @@ from retrieval.index.manifest import (
     write_manifest,
 )
 from retrieval.index.sparse_torch import DOC_IDS, SHARDS, check_vectors, rankings
-from retrieval.kernels.sparse_topk import (
-    WEIGHT_DTYPES,
-    InvertedIndex,
-    SingleQuerySearch,
-    csr_rows,
-    sparse_topk,
-)
+from retrieval.kernels.inverted_index import WEIGHT_DTYPES, InvertedIndex, csr_rows
+from retrieval.kernels.sparse_single import SingleQuerySearch
+from retrieval.kernels.sparse_topk import sparse_topk
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)
@@ -134,12 +130,12 @@ class SparseGpuSearcher:
         budget_bytes: (int, default 1 GiB) float32 accumulators per wave of documents
             (:func:`~retrieval.kernels.sparse_topk.sparse_topk`).
         head_terms: (int, default 128) on a GPU, the most frequent terms kept as a dense head
-            (:meth:`~retrieval.kernels.sparse_topk.InvertedIndex.with_head`): ``2 N H`` more
+            (:meth:`~retrieval.kernels.inverted_index.InvertedIndex.with_head`): ``2 N H`` more
             bytes in float16 (2.25 GB for 8.8M documents); 0 for none. Unused on the CPU.
         use_head: (bool | None, default None) score batches with the head: ``None`` where their
-            head postings outweigh it (:func:`~retrieval.kernels.sparse_topk.head_pays_off`).
+            head postings outweigh it (:func:`~retrieval.kernels.sparse_head.head_pays_off`).
         single_query: (bool | None, default None) score one-query batches with
-            :class:`~retrieval.kernels.sparse_topk.SingleQuerySearch` (CUDA graphs; Triton's
+            :class:`~retrieval.kernels.sparse_single.SingleQuerySearch` (CUDA graphs; Triton's
             interpreter on the CPU); ``None``: on a CUDA device.
 
     Raises:

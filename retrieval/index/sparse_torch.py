@@ -39,7 +39,7 @@ from retrieval.index.manifest import (
     read_manifest,
     write_manifest,
 )
-from retrieval.kernels.sparse_topk import csr_rows
+from retrieval.kernels.inverted_index import csr_rows
 from retrieval.types import Run
 
 log = logging.getLogger(__name__)

@@ -138,13 +138,14 @@ def test_model_error_stops_the_tokenizing_threads(
     assert not tokenizing_threads()
 
 
-def test_bfloat16_autocast_stays_within_bfloat16_tolerance(encoder: SpladeEncoder) -> None:
+def test_bfloat16_weights_stay_within_bfloat16_tolerance(encoder: SpladeEncoder) -> None:
     half = SpladeEncoder(splade_tiny(), max_length=32, batch_size=4, dtype="bfloat16")
     assert half.dtype == torch.bfloat16 and encoder.dtype is None
+    assert half.model.get_output_embeddings().weight.dtype == torch.bfloat16
     encoder.tokenize_workers = 0
     full, low = encoder.encode(TEXTS[:8]).to_dense(), half.encode(TEXTS[:8]).to_dense()
     diff = (full - low).abs().max().item()
-    assert 0 < diff < 0.25  # autocast took effect, and stays within bfloat16 rounding of the logits
+    assert 0 < diff < 0.25  # bfloat16 took effect, and stays within bfloat16 rounding of the logits
 
 
 def test_bad_settings() -> None:
@@ -152,7 +153,7 @@ def test_bad_settings() -> None:
         SpladeEncoder(splade_tiny(), tokenize_workers=-1)
     with pytest.raises(ValueError, match="dtype must be one of"):
         SpladeEncoder(splade_tiny(), dtype="int8")
-    assert splade.autocast_dtype("float32") is None and splade.autocast_dtype(torch.float16) is torch.float16
+    assert splade.reduced_dtype("float32") is None and splade.reduced_dtype(torch.float16) is torch.float16
 
 
 MIXED = [
@@ -191,3 +192,14 @@ def test_batch_tokenizer_is_rust_only_where_it_agrees(
     slow = batch_tokenizer(encoder.sparse_model, 32)
     assert not isinstance(slow, RustBatchTokenizer) and "disagrees" in caplog.text
     assert torch.equal(slow(MIXED)["input_ids"], encoder.sparse_model.tokenize(MIXED, 32)["input_ids"])
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch.compile is checked on a GPU (CPU needs a C++ toolchain)"
+)
+def test_compiled_encoder_gives_the_same_vectors() -> None:
+    plain = SpladeEncoder(splade_tiny(), max_length=32, batch_size=4, dtype="bfloat16")
+    compiled = SpladeEncoder(splade_tiny(), max_length=32, batch_size=4, dtype="bfloat16", compile=True)
+    a, b = plain.encode(TEXTS[:8]).to_dense(), compiled.encode(TEXTS[:8]).to_dense()
+    assert (a - b).abs().max().item() < 0.1  # bfloat16 rounding of differently fused kernels
+    assert ((a > 0) == (b > 0)).float().mean().item() > 0.99

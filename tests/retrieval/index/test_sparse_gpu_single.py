@@ -10,7 +10,7 @@ import torch
 
 from retrieval.index import sparse_gpu
 from retrieval.index.sparse_gpu import SparseGpuSearcher, build_sparse_gpu
-from retrieval.kernels.sparse_topk import head_pays_off
+from retrieval.kernels.sparse_head import head_pays_off
 from tests.retrieval.kernels.test_sparse_topk import collection, queries
 
 CUDA = torch.cuda.is_available()

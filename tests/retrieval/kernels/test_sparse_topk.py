@@ -9,13 +9,11 @@ import pytest
 import torch
 
 from retrieval.eval.topk import topk_with_id_ties
+from retrieval.kernels import sparse_select
 from retrieval.kernels import sparse_topk as st
-from retrieval.kernels.sparse_topk import (
-    InvertedIndex,
-    sparse_topk,
-    sparse_topk_reference,
-    sparse_topk_triton,
-)
+from retrieval.kernels.inverted_index import InvertedIndex
+from retrieval.kernels.sparse_single import SingleQuerySearch
+from retrieval.kernels.sparse_topk import sparse_topk, sparse_topk_reference, sparse_topk_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"  # without CUDA the kernels run in the interpreter
@@ -210,8 +208,8 @@ def test_kernel_on_gpu_matches_the_reference(dtype, n_docs, vocab, n_queries, te
 def test_packed_keys_order_by_score_then_id_and_drop_zeros() -> None:
     scores = torch.tensor([[0.5, 2.0, 0.5, 0.0, 1e-30, 3.4e38]])
     docs = torch.tensor([[7, 3, 2, 9, (1 << 32) - 1, 0]])
-    keys = st.pack_keys(scores, docs)
-    got_scores, got_docs = st.unpack_keys(keys.sort(dim=1, descending=True).values, 8)
+    keys = sparse_select.pack_keys(scores, docs)
+    got_scores, got_docs = sparse_select.unpack_keys(keys.sort(dim=1, descending=True).values, 8)
     assert got_docs.tolist() == [[0, 3, 2, 7, (1 << 32) - 1, -1, -1, -1]]
     assert got_scores[0, :5].tolist() == [scores[0, 5].item(), 2.0, 0.5, 0.5, scores[0, 4].item()]
     assert (got_scores[0, 5:] == float("-inf")).all()
@@ -221,7 +219,7 @@ def test_packed_keys_order_by_score_then_id_and_drop_zeros() -> None:
 def test_run_maxima_kernel_is_the_run_maximum(run: int) -> None:
     acc = torch.rand(3, run * 50, generator=torch.Generator().manual_seed(run))
     acc[1] = 0
-    got = st.run_maxima(acc.to(DEVICE), run).cpu()
+    got = sparse_select.run_maxima(acc.to(DEVICE), run).cpu()
     assert torch.equal(got, acc.view(3, -1, run).amax(2))
 
 
@@ -231,7 +229,7 @@ def test_single_query_mode_matches_the_reference_for_any_query_length() -> None:
     vocab = 120
     docs = collection(700, vocab, density=0.1, seed=11)
     index = InvertedIndex.from_csr(docs.to_sparse_csr(), torch.float32, block_bits=6)
-    search = st.SingleQuerySearch(index.to(DEVICE), k=15, select_block=16, max_terms=32)
+    search = SingleQuerySearch(index.to(DEVICE), k=15, select_block=16, max_terms=32)
     g = torch.Generator().manual_seed(12)
     for n_terms in (20, 3, 0, 17, 60):
         q = torch.zeros(1, vocab)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from retrieval.kernels import sparse_head
 from retrieval.kernels import sparse_topk as st
-from retrieval.kernels.sparse_topk import InvertedIndex, sparse_topk_reference, sparse_topk_triton
+from retrieval.kernels.inverted_index import InvertedIndex
+from retrieval.kernels.sparse_topk import sparse_topk_reference, sparse_topk_triton
 from tests.retrieval.kernels.test_sparse_topk import assert_same_up_to_ties, collection, queries
 
 CUDA = torch.cuda.is_available()
@@ -47,8 +49,8 @@ def test_split_queries_is_exact_to_float32_rounding(dtype: torch.dtype) -> None:
     q = torch.rand(6, 48, generator=g) * torch.logspace(-3, 4, 6)[:, None]  # rows of any magnitude
     q[0] = 0  # an empty row
     q[1, :5] = torch.tensor([1e-30, 3e38, 0.0, 1.0, 2.0**-20])  # extremes
-    pieces, scale = st.split_queries(q, dtype)
-    assert pieces.shape == (st.PARTS[dtype], 6, 48) and pieces.dtype == dtype
+    pieces, scale = sparse_head.split_queries(q, dtype)
+    assert pieces.shape == (sparse_head.PARTS[dtype], 6, 48) and pieces.dtype == dtype
     assert ((pieces[0] >= 0) & (pieces[0] <= 2)).all() and (pieces[1:].abs() <= 2.0**-8).all()
     assert torch.equal(scale.log2(), scale.log2().round())  # powers of two
     back = pieces.double().sum(0) * scale[:, None].double()
@@ -70,7 +72,7 @@ def test_head_matmul_is_the_float64_product(dtype, b, n_docs, lo, width) -> None
     index = InvertedIndex.from_csr(docs.to_sparse_csr(), dtype, block_bits=6).with_head(37)  # H' = 48
     q = queries(b, 48, terms=30, seed=b + 1, device=DEVICE) * 7
     acc = torch.full((b, width), float("nan"), device=DEVICE)
-    st.head_scores(index, st.split_queries(q, dtype), acc, lo)
+    sparse_head.head_scores(index, sparse_head.split_queries(q, dtype), acc, lo)
     want = q.double() @ index.head[lo : lo + width].double().T  # (B, <= W)
     got = acc.double()
     assert (got[:, want.shape[1] :] == 0).all()
@@ -115,13 +117,14 @@ def test_the_head_is_used_where_it_reads_fewer_bytes(monkeypatch) -> None:
     terms = q.to_sparse_csr().col_indices()
     in_head = index.head_slot[terms] >= 0
     head_postings = int(index.indptr.diff()[terms][in_head].sum()) * 8  # int32 id + float32 weight
-    assert head_postings > head_bytes and st.head_pays_off(index, terms, margin_bytes=0)
-    assert not st.head_pays_off(index, terms[:3], margin_bytes=0)  # a query's worth
-    assert not st.head_pays_off(index, terms)  # by the default margin, 2 GiB
+    assert head_postings > head_bytes and sparse_head.head_pays_off(index, terms, margin_bytes=0)
+    assert not sparse_head.head_pays_off(index, terms[:3], margin_bytes=0)  # a query's worth
+    assert not sparse_head.head_pays_off(index, terms)  # by the default margin, 2 GiB
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: pytest.fail("host sync"))
-    assert not st.head_pays_off(index, terms)  # bounded on the host: ~320 pairs x 200 docs x 8 bytes
+    assert not sparse_head.head_pays_off(index, terms)  # bounded on the host: ~320 pairs x 200 docs x 8 bytes
     monkeypatch.undo()
     calls = []
+    # patched where score_wave looks it up (retrieval.kernels.sparse_topk), or it would test nothing
     monkeypatch.setattr(st, "head_scores", lambda *a: calls.append(a[3]) or pytest.fail("head used"))
     for rows, use_head in ((slice(0, 1), None), (slice(0, 64), False)):
         got = sparse_topk_triton(index.to(DEVICE), q[rows].to(DEVICE), 5, select_block=16, use_head=use_head)
