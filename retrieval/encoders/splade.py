@@ -60,6 +60,22 @@ def reduced_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def attention_without_plans(device: torch.device):
+    """On CUDA, scaled-dot-product attention without cuDNN's kernel; elsewhere nothing.
+
+    Length-sorted batches come in many widths, and cuDNN's attention builds an execution plan
+    for every new shape: on the H200, SciFact (x4, bf16 weights) encoded at 5,371 docs/s on a
+    first pass with it and 10,891 without it (the flash and memory-efficient kernels need no
+    plans; ``benchmarks/RESULTS.md``, "SpladeEncoder end to end: attention kernels").
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(backends)
+
+
 def model_name(model: str | Path) -> str:
     """The name Sparrow records for a model: a local directory's absolute path, else the hub id."""
     path = Path(model).expanduser()
@@ -474,5 +490,6 @@ class SpladeEncoder:
     def _encode_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, V) pruned SPLADE weights of one padded batch, on the encoder's device."""
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
-        weights = self.sparse_model(**batch).float()  # (B, V), special tokens already zeroed
+        with attention_without_plans(self.device):
+            weights = self.sparse_model(**batch).float()  # (B, V), special tokens already zeroed
         return prune_weights(weights, self.top_k, self.prune_ratio)
