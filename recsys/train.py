@@ -13,12 +13,13 @@ every epoch since the first run (the history travels in the checkpoint).
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recsys import checkpoint
@@ -53,6 +54,43 @@ def check_model_config(cfg: DictConfig) -> None:
                     raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
     walk(cfg.model, "model")
+
+
+SPARSE_MODULE = "recsys.lit.pairwise.PairwiseRecommender"  # the recipe that takes model.sparsity
+
+
+def check_sparsity_config(cfg: DictConfig) -> None:
+    """``model.sparsity`` (DSL), when set, must be valid and fit the net's embedding tables.
+
+    Builds the sparsity object (its own argument checks) and plans it on the net built on the
+    ``meta`` device (shapes only, no memory), so a bad density or a schedule that cannot fit a
+    table is refused before any data is read.
+
+    Raises:
+        ConfigError: naming ``model.sparsity`` and what is wrong.
+    """
+    node = cfg.model.get("sparsity")
+    if node is None:
+        return
+    if cfg.model.get("_target_") != SPARSE_MODULE:
+        raise ConfigError(f"model.sparsity is only supported by {SPARSE_MODULE} models (bpr_mf, lightgcn)")
+    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    try:
+        sparsity = get_class(node._target_)(**kwargs)
+        with torch.device("meta"):
+            net = instantiate(cfg.model.net)
+        sparsity.plan(net)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.sparsity: {err}") from None
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak memory so far, GiB: the process's resident set and, on a GPU, the tensors allocated
+    since the last ``torch.cuda.reset_peak_memory_stats`` (``cuda_allocated``)."""
+    peak = {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if torch.cuda.is_available():
+        peak["cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**30
+    return peak
 
 
 def protocol_of(cfg: DictConfig) -> dict[str, object]:
@@ -161,6 +199,7 @@ def _selection_rule(monitor: str | None) -> str:
 def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Fit, select on validation, test once; return ``{"val": ..., "test": ...}`` metrics."""
     check_model_config(cfg)
+    check_sparsity_config(cfg)
     ckpt_path = checkpoint.resolve(cfg.ckpt_path, cfg.paths.runs_dir)
     if ckpt_path is not None:
         checkpoint.check_compatible(ckpt_path, cfg)
@@ -175,8 +214,11 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     timings: dict[str, float] = {}
     if cfg.train:
         start = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         timings["fit"] = time.perf_counter() - start
+    peak = peak_memory_gib()
     # read before validate/test: loading the selected checkpoint restores its (shorter) history
     history, resumed_from = dict(run_info.history), list(run_info.resumed_from)
     if not cfg.train and ckpt_path is not None:
@@ -214,7 +256,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
         timings,
         OmegaConf.to_yaml(cfg, resolve=True),
         figures=figures,
-        extra={"history": history},
+        extra={"history": history, "peak_memory_gib": peak},
     )
     log.info("results (%s):\n%s", title, metrics_table(metrics))
     log.info("report written to %s", report)

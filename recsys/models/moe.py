@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from recsys.models.gates import GATES, Routing, make_router
+
 
 class FeedForward(nn.Module):
     r"""Position-wise feed-forward network with a GELU.
@@ -52,7 +54,12 @@ class RoutingStats:
         tokens_per_expert: (E,) float32 number of (token, expert) assignments each expert processed
             (after capacity).
         dropped: () float32 number of assignments dropped because their expert was full.
-        assignments: () float32 number of assignments made, real tokens × top_k.
+        assignments: () float32 number of assignments made: real tokens × top_k, less those with a zero
+            gate (COMET: fewer than k distinct experts reached).
+        truncated: () float32 number of tokens whose gate spread mass over more than top_k experts and
+            was cut to the top_k largest (COMET's soft trees); None for a block without a gate.
+        gate_entropy: () mean entropy of COMET's per-tree leaf distributions (the paper's regulariser,
+            for a caller to weight); 0 for the other gates, None for a block without a gate.
     """
 
     aux_loss: Tensor
@@ -60,31 +67,8 @@ class RoutingStats:
     tokens_per_expert: Tensor
     dropped: Tensor
     assignments: Tensor
-
-
-def top_k_routing(probs: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    r"""Top-k experts of each token and their gate weights, renormalised over the k chosen.
-
-    Shazeer et al. "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer".
-    ICLR 2017. https://arxiv.org/abs/1701.06538 ; Lepikhin et al. "GShard". ICLR 2021.
-    https://arxiv.org/abs/2006.16668
-
-    .. math::
-        p = \mathrm{softmax}(W_r x), \qquad
-        g_{e} = \frac{p_e}{\sum_{e' \in \mathrm{TopK}(p)} p_{e'}} \quad (e \in \mathrm{TopK}(p))
-
-    With ``top_k == 1`` the gate is always 1, so the router learns from the auxiliary losses only.
-
-    Args:
-        probs: (T, E) router probabilities p.
-        top_k: k.
-
-    Returns:
-        (gates, experts): (T, k) gate weights summing to 1 per token, and (T, k) int64 expert ids,
-        column j holding each token's (j+1)-th choice (descending probability).
-    """
-    weights, experts = probs.topk(top_k, dim=-1)  # (T, k), (T, k)
-    return weights / weights.sum(-1, keepdim=True), experts
+    truncated: Tensor | None = None
+    gate_entropy: Tensor | None = None
 
 
 def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -111,7 +95,7 @@ def expert_capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: 
     return max(math.ceil(capacity_factor * tokens * top_k / num_experts - 1e-9), 0)
 
 
-def positions_in_experts(experts: Tensor, num_experts: int) -> Tensor:
+def positions_in_experts(experts: Tensor, num_experts: int, active: Tensor | None = None) -> Tensor:
     """The slot of each (token, choice) assignment in its expert's queue, in priority order.
 
     Priority goes first by choice rank (every token's first choice before any second choice), then by
@@ -120,18 +104,24 @@ def positions_in_experts(experts: Tensor, num_experts: int) -> Tensor:
     Args:
         experts: (T, k) int64 expert ids, column j the (j+1)-th choice.
         num_experts: E.
+        active: (T, k) bool, the assignments that queue; None: all. Inactive ones take no slot (their
+            own slot is meaningless).
 
     Returns:
         (T, k) int64 slot, 0 for the first assignment an expert receives.
     """
     T, k = experts.shape
+    if active is not None:  # inactive assignments queue for a dummy expert E
+        experts, num_experts = torch.where(active, experts, num_experts), num_experts + 1
     order = experts.T.reshape(-1)  # (k*T,) choice-major: all first choices, then all second ones, ...
     one_hot = F.one_hot(order, num_experts)  # (k*T, E)
     slots = one_hot.cumsum(0).gather(1, order[:, None]).squeeze(1) - 1  # (k*T,)
     return slots.view(k, T).T  # (T, k)
 
 
-def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Tensor:
+def load_balancing_loss(
+    probs: Tensor, experts: Tensor, num_experts: int, active: Tensor | None = None
+) -> Tensor:
     r"""Load-balancing auxiliary loss (Switch Transformer / GShard form), over top-k assignments.
 
     Fedus, Zoph, Shazeer. "Switch Transformers". JMLR 2022. https://arxiv.org/abs/2101.03961 (eq. 4);
@@ -149,13 +139,17 @@ def load_balancing_loss(probs: Tensor, experts: Tensor, num_experts: int) -> Ten
         probs: (T, E) router probabilities.
         experts: (T, k) int64 chosen experts.
         num_experts: E.
+        active: (T, k) bool, the assignments that count in f (Tk replaced by their number); None: all.
 
     Returns:
         () loss; 0 (with a gradient path) when T = 0.
     """
     T, k = experts.shape
-    counts = F.one_hot(experts.reshape(-1), num_experts).sum(0)  # (E,)
-    f = counts.to(probs.dtype) / max(T * k, 1)  # (E,)
+    if active is None:
+        counts, made = F.one_hot(experts.reshape(-1), num_experts).sum(0), T * k  # (E,)
+    else:
+        counts, made = F.one_hot(experts[active], num_experts).sum(0), int(active.sum())  # (E,)
+    f = counts.to(probs.dtype) / max(made, 1)  # (E,)
     P = probs.sum(0) / max(T, 1)  # (E,)
     return num_experts * (f * P).sum()
 
@@ -250,8 +244,20 @@ def _real_rows(x: Tensor, mask: Tensor | None, dim: int) -> tuple[Tensor, Tensor
     return flat, mask.reshape(-1).to(torch.bool).nonzero().squeeze(1)  # (N, d), (T,)
 
 
+def _real_keys(keys: Tensor | None, x: Tensor, real: Tensor) -> Tensor | None:
+    """(...,) per-token keys -> (T,) the real tokens' keys (None stays None)."""
+    if keys is None:
+        return None
+    if keys.shape != x.shape[:-1]:
+        raise ValueError(
+            f"keys shape {tuple(keys.shape)} must equal the input shape without its last "
+            f"dimension, {tuple(x.shape[:-1])}"
+        )
+    return keys.reshape(-1).index_select(0, real)  # (T,)
+
+
 class SparseMoE(nn.Module):
-    r"""Sparse mixture-of-experts feed-forward block with top-k routing and expert capacity.
+    r"""Sparse mixture-of-experts feed-forward block with a sparse gate and expert capacity.
 
     Shazeer et al. "Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer".
     ICLR 2017. https://arxiv.org/abs/1701.06538 ; Lepikhin et al. "GShard". ICLR 2021.
@@ -260,36 +266,54 @@ class SparseMoE(nn.Module):
     https://arxiv.org/abs/2502.18965).
 
     .. math::
-        p = \mathrm{softmax}(W_r x), \qquad
-        y = \sum_{e \in \mathrm{TopK}(p)} \mathbb{1}[\text{kept}_e]\,
-            \frac{p_e}{\sum_{e' \in \mathrm{TopK}(p)} p_{e'}}\, \mathrm{FFN}_e(x)
+        y = \sum_{j=1}^{k} \mathbb{1}[\text{kept}_j]\, g_j(x)\, \mathrm{FFN}_{e_j(x)}(x)
+
+    with the gate weights :math:`g` and experts :math:`e` given by ``gate``
+    (:mod:`recsys.models.gates`):
+
+    * ``"topk"`` (:class:`~recsys.models.gates.TopKRouter`): :math:`p = \mathrm{softmax}(W_r x)`,
+      the k most probable experts, :math:`g_j = p_{e_j} / \sum_{j'} p_{e_{j'}}`.
+    * ``"hash"`` (:class:`~recsys.models.gates.HashRouter`, Roller et al. 2021): a fixed random map
+      from the token's key to one expert (k = 1, g = 1); needs ``keys`` in :meth:`forward`.
+    * ``"comet"`` (:class:`~recsys.models.gates.CometRouter`, Ibrahim et al. KDD 2023): k soft binary
+      trees with smooth-step splits; at most k experts with non-zero weight.
 
     **Capacity.** Each expert processes at most :math:`C = \lceil \mathrm{cf} \cdot T k / E \rceil`
     assignments (T real tokens; see :func:`expert_capacity`). Assignments queue by choice rank first
     (all first choices before any second choice), then by token order; those past C are dropped: their
     term is left out of y and the renormalised gates are not recomputed, so a token whose every
     assignment is dropped gets y = 0 and only the caller's residual connection carries it.
+    Assignments with a zero gate (COMET reaching fewer than k experts) are not routed and take no slot.
     Capacity applies in training mode only: at inference every assignment is processed, so a
     generated token never depends on which other beams share its batch.
 
     **Padding.** Tokens where ``mask`` is False are not routed, take no capacity, are not counted in any
     statistic and get y = 0.
 
-    **Losses.** :class:`RoutingStats` carries the load-balancing loss (:func:`load_balancing_loss`) and
-    the router z-loss (:func:`router_z_loss`); the caller weights them into the training loss. Router
-    arithmetic (softmax, gates, losses) runs in at least float32.
+    **Losses.** :class:`RoutingStats` carries the load-balancing loss (:func:`load_balancing_loss`; top-k
+    and COMET, 0 for hash) and the router z-loss (:func:`router_z_loss`; top-k only, 0 otherwise); the
+    caller weights them into the training loss. Router arithmetic (softmax, gates, losses) runs in at
+    least float32.
 
     **Jitter.** In training mode with ``router_jitter`` = ε > 0, the router's input (not the experts')
     is multiplied elementwise by noise drawn from U(1-ε, 1+ε), as in the Switch Transformer.
+
+    **Local search.** :func:`recsys.models.gates.local_search` permutes the gate's slot-to-expert
+    assignment (``router.swap``) to lower a loss, the experts' weights staying in place.
 
     Args:
         dim (int): model width d.
         hidden (int): each expert's hidden width h.
         num_experts (int): E >= 2.
-        top_k (int, default 2): experts per token k, 1 <= k <= E.
+        top_k (int, default 2): experts per token k, 1 <= k <= E (1 for ``"hash"``; the number of trees
+            for ``"comet"``).
         capacity_factor (float, default 1.25): cf; ``<= 0`` for unlimited capacity.
         dropout (float, default 0.0): dropout inside each expert.
         router_jitter (float, default 0.0): ε in [0, 1); 0 turns jitter off.
+        gate (str, default "topk"): ``"topk"``, ``"hash"`` or ``"comet"``.
+        num_keys (int, default 0): hash only: size of the key space (keys are reduced modulo it).
+        gamma (float, default 1.0): comet only: width γ of the smooth-step's soft band.
+        seed (int, default 0): hash only: seed of the random map.
     """
 
     def __init__(
@@ -301,6 +325,10 @@ class SparseMoE(nn.Module):
         capacity_factor: float = 1.25,
         dropout: float = 0.0,
         router_jitter: float = 0.0,
+        gate: str = "topk",
+        num_keys: int = 0,
+        gamma: float = 1.0,
+        seed: int = 0,
     ):
         super().__init__()
         if dim < 1:
@@ -313,15 +341,17 @@ class SparseMoE(nn.Module):
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if not 0.0 <= router_jitter < 1.0:
             raise ValueError(f"router_jitter must be in [0, 1), got {router_jitter}")
-        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        self.dim, self.num_experts, self.top_k, self.gate = dim, num_experts, top_k, gate
         self.capacity_factor, self.router_jitter = capacity_factor, router_jitter
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router = make_router(gate, dim, num_experts, top_k, num_keys, gamma, seed)
         self.experts = nn.ModuleList(FeedForward(dim, hidden, dropout) for _ in range(num_experts))
 
     def active_parameters(self) -> int:
-        """Parameters a token touches: the router and ``top_k`` experts."""
+        """Parameters a token touches: the whole router and ``top_k`` experts."""
         per_expert = sum(p.numel() for p in self.experts[0].parameters())
-        return self.router.weight.numel() + self.top_k * per_expert
+        return sum(p.numel() for p in self.router.parameters()) + self.top_k * per_expert
 
     def _jitter(self, x: Tensor) -> Tensor:
         """Multiplicative U(1-ε, 1+ε) noise on the router input, in training mode only."""
@@ -350,35 +380,46 @@ class SparseMoE(nn.Module):
             out.index_add_(0, rows, y * weights[rows, choice].unsqueeze(-1))
         return out
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
-        """Route the real tokens to their top-k experts.
+    def _stats(self, routing: Routing, kept: Tensor, like: Tensor) -> RoutingStats:
+        """:class:`RoutingStats` of a routing whose assignments ``kept`` (T, k) were processed."""
+        zero = torch.zeros((), dtype=_stats_dtype(like), device=like.device)
+        active = routing.active
+        probs = routing.probs
+        aux = zero if probs is None else load_balancing_loss(probs, routing.experts, self.num_experts, active)
+        return RoutingStats(
+            aux_loss=aux,
+            z_loss=zero.clone() if routing.logits is None else router_z_loss(routing.logits),
+            tokens_per_expert=F.one_hot(routing.experts[kept], self.num_experts).sum(0).float(),  # (E,)
+            dropped=(active & ~kept).sum().float(),
+            assignments=active.sum().float(),
+            truncated=routing.truncated,
+            gate_entropy=routing.entropy,
+        )
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, keys: Tensor | None = None
+    ) -> tuple[Tensor, RoutingStats]:
+        """Route the real tokens to their experts.
 
         Args:
             x: (..., d) inputs.
             mask: (...,) bool, True at real tokens; None when every token is real.
+            keys: (...,) int64 per-token keys for ``gate="hash"`` (e.g. the token ids); ignored by the
+                other gates.
 
         Returns:
             (y, stats): (..., d) outputs, zero at padding; :class:`RoutingStats` of the real tokens.
         """
         flat, real = _real_rows(x, mask, self.dim)  # (N, d), (T,)
         tokens = flat.index_select(0, real)  # (T, d)
-        logits = self.router(self._jitter(tokens)).to(_stats_dtype(x))  # (T, E)
-        probs = logits.softmax(dim=-1)  # (T, E)
-        gates, experts = top_k_routing(probs, self.top_k)  # (T, k), (T, k)
+        routing = self.router.route(self._jitter(tokens), _real_keys(keys, x, real), _stats_dtype(x))
         factor = self.capacity_factor if self.training else 0.0  # inference: no drops
         capacity = expert_capacity(tokens.shape[0], self.top_k, self.num_experts, factor)
-        kept = positions_in_experts(experts, self.num_experts) < capacity  # (T, k)
-        mixed = self._combine(tokens, gates, experts, kept)  # (T, d)
+        slots = positions_in_experts(routing.experts, self.num_experts, routing.active)  # (T, k)
+        kept = routing.active & (slots < capacity)  # (T, k)
+        mixed = self._combine(tokens, routing.gates, routing.experts, kept)  # (T, d)
         y = torch.zeros_like(flat).index_copy(0, real, mixed)  # (N, d)
-        processed = F.one_hot(experts[kept], self.num_experts).sum(0).float()  # (E,)
-        stats = RoutingStats(
-            aux_loss=load_balancing_loss(probs, experts, self.num_experts),
-            z_loss=router_z_loss(logits),
-            tokens_per_expert=processed,
-            dropped=(~kept).sum().float(),
-            assignments=torch.tensor(float(kept.numel()), device=x.device),
-        )
-        return y.view(x.shape), stats
+        return y.view(x.shape), self._stats(routing, kept, x)
 
 
 class DenseFFN(nn.Module):
@@ -402,12 +443,15 @@ class DenseFFN(nn.Module):
         self.dim = dim
         self.ffn = FeedForward(dim, hidden, dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, RoutingStats]:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, keys: Tensor | None = None
+    ) -> tuple[Tensor, RoutingStats]:
         """Apply the FFN to every token, zeroing padding.
 
         Args:
             x: (..., d) inputs.
             mask: (...,) bool, True at real tokens; None when every token is real.
+            keys: ignored (the signature of :meth:`SparseMoE.forward`).
 
         Returns:
             (y, stats): (..., d) outputs, zero at padding; :class:`RoutingStats` with tokens_per_expert

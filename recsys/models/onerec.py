@@ -12,8 +12,8 @@ reads the user's history, one vector per item, the sum of its code embeddings
 through bidirectional Transformer blocks. The decoder generates the next ``N`` items as one
 token stream :math:`c_{1,1} \dots c_{1,D}\, c_{2,1} \dots c_{N,D}` (session-wise generation),
 each block being causal self-attention, cross-attention to the history and a feed-forward block
-that is a sparse mixture of experts (:class:`~recsys.models.moe.SparseMoE`: top-k routing, a
-load-balancing loss, expert capacity) or, for the control, a dense feed-forward block with the
+that is a sparse mixture of experts (:class:`~recsys.models.moe.SparseMoE`: a top-k, hash or COMET
+tree gate, a load-balancing loss, expert capacity) or, for the control, a dense feed-forward block with the
 same active parameters (:class:`~recsys.models.moe.DenseFFN`). Position ``t`` predicts a token
 of level ``t mod D``; its softmax runs over that level's codebook only. Training minimises
 
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys.code_trie import CodeTrie
+from recsys.models.gates import GATES
 from recsys.models.moe import DenseFFN, RoutingStats, SparseMoE, dense_hidden_for
 
 PAD = -1
@@ -82,7 +83,12 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, y: Tensor, memory: tuple[Tensor, Tensor, Tensor], real: Tensor, cache: list | None = None
+        self,
+        y: Tensor,
+        memory: tuple[Tensor, Tensor, Tensor],
+        real: Tensor,
+        cache: list | None = None,
+        keys: Tensor | None = None,
     ) -> tuple[Tensor, RoutingStats]:
         """One block.
 
@@ -92,6 +98,7 @@ class DecoderBlock(nn.Module):
             real: (B, T) tokens to route (real targets).
             cache: ``[self keys, self values]`` of the earlier positions ((B, H, t, d/H) or None),
                 extended in place.
+            keys: (B, T) int64 routing keys of the hash gate (the input token ids); None otherwise.
         """
         h = self.norm1(y)
         k, v = self.self_attn.keys_values(h)
@@ -103,7 +110,7 @@ class DecoderBlock(nn.Module):
         causal = torch.ones(t, s, dtype=torch.bool, device=y.device).tril(s - t)  # (T, S) True = attended
         y = y + self.drop(self.self_attn(h, k, v, causal))
         y = y + self.drop(self.cross_attn(self.norm2(y), *memory))
-        out, stats = self.ffn(self.norm3(y), real)
+        out, stats = self.ffn(self.norm3(y), real, keys)
         return y + self.drop(out), stats
 
 
@@ -126,6 +133,10 @@ class OneRec(nn.Module):
         top_k: experts per token.
         expert_hidden: hidden width of each expert.
         capacity_factor: expert capacity, as a multiple of the balanced load; <= 0: unlimited.
+        gate: the experts' gate (:mod:`recsys.models.gates`): ``"topk"`` (softmax top-k router),
+            ``"hash"`` (Roller et al. 2021: a fixed random map from the position's input token id to
+            one expert; needs ``top_k=1``; each block has its own map) or ``"comet"`` (COMET's tree
+            gate, Ibrahim et al. KDD 2023: ``top_k`` soft binary trees). Ignored by ``ffn="dense"``.
     """
 
     def __init__(
@@ -144,8 +155,13 @@ class OneRec(nn.Module):
         top_k: int = 2,
         expert_hidden: int = 128,
         capacity_factor: float = 1.25,
+        gate: str = "topk",
     ):
         super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate (model.net.gate) must be one of {GATES}, got {gate!r}")
+        if ffn == "moe" and gate == "hash" and top_k != 1:
+            raise ValueError(f"gate='hash' routes each token to one expert: set top_k=1, got top_k={top_k}")
         depth = len(vocab_sizes)
         if codes.dim() != 2 or codes.shape[1] != depth:
             raise ValueError(f"codes must be (num_items, {depth}), got {tuple(codes.shape)}")
@@ -178,13 +194,14 @@ class OneRec(nn.Module):
             layer, encoder_blocks, norm=nn.LayerNorm(d), enable_nested_tensor=False
         )
 
-        def feed_forward() -> nn.Module:
+        def feed_forward(block: int) -> nn.Module:
             if ffn == "dense":
                 return DenseFFN(d, dense_hidden_for(d, expert_hidden, top_k), dropout)
-            return SparseMoE(d, expert_hidden, num_experts, top_k, capacity_factor, dropout)
+            routing = dict(gate=gate, num_keys=total + 1, seed=block)  # hash keys: every token id, BOS
+            return SparseMoE(d, expert_hidden, num_experts, top_k, capacity_factor, dropout, **routing)
 
         self.decoder = nn.ModuleList(
-            DecoderBlock(d, num_heads, dropout, feed_forward()) for _ in range(decoder_blocks)
+            DecoderBlock(d, num_heads, dropout, feed_forward(i)) for i in range(decoder_blocks)
         )
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, total)
@@ -226,7 +243,7 @@ class OneRec(nn.Module):
         y = self.drop(self.code_embedding(inputs) + self.list_position.weight[start : start + t])
         stats = []
         for i, block in enumerate(self.decoder):
-            y, st = block(y, memory[i], real, None if caches is None else caches[i])
+            y, st = block(y, memory[i], real, None if caches is None else caches[i], inputs)
             stats.append(st)
         logits = self.head(self.norm(y))  # (B, T, V)
         levels = torch.arange(start, start + t, device=inputs.device) % self.depth
