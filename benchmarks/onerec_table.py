@@ -1,8 +1,10 @@
-"""OneRec (sparse MoE decoder, and its dense control) against SASRec on the same split, over seeds.
+"""OneRec (sparse MoE decoder: top-k, COMET or hash gate; a dense control) against SASRec, over seeds.
 
     python benchmarks/onerec_table.py --dataset ml100k --jobs 2      # CPU, 3 seeds, 3 variants
     python benchmarks/onerec_table.py --dataset diginetica --jobs 2
     python benchmarks/onerec_table.py --dataset ml100k --table-only  # publish what finished
+    python benchmarks/onerec_table.py --dataset ml100k --variants "OneRec, sparse MoE" \
+        "OneRec, COMET gate" "OneRec, hash gate"                     # the gates (issue 12)
 
 Every run is ``python -m recsys.train +experiment=<model>_<dataset> seed=S [overrides]``. The split
 is the OneRec experiment's: ``data.horizon`` = N next items held out per sequence (MovieLens:
@@ -50,6 +52,8 @@ def variants(dataset: str) -> dict[str, tuple[str, list[str]]]:
         "SASRec (same split)": ("sasrec", same_split),
         "OneRec, sparse MoE": ("onerec", []),
         "OneRec, dense control": ("onerec", ["model.net.ffn=dense"]),
+        "OneRec, COMET gate": ("onerec", ["model.net.gate=comet"]),
+        "OneRec, hash gate": ("onerec", ["model.net.gate=hash", "model.net.top_k=1"]),
     }
 
 
