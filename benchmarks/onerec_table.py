@@ -57,6 +57,12 @@ def variants(dataset: str) -> dict[str, tuple[str, list[str]]]:
     }
 
 
+def variants_ffn(name: str) -> str:
+    """``moe`` for the OneRec variants with experts, ``dense`` for the dense control and SASRec."""
+    _, overrides = variants("ml100k")[name]
+    return "dense" if name.startswith("SASRec") or "model.net.ffn=dense" in overrides else "moe"
+
+
 def columns(dataset: str) -> dict[str, str]:
     n = HORIZON[dataset]
     return {
@@ -147,7 +153,7 @@ def routing_table(work: Path, names: list[str], seeds: list[int]) -> list[str]:
     keys = {"min share": "moe/min_share", "max share": "moe/max_share", "starved": "moe/starved"}
     keys["dropped"] = "moe/dropped"
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    for name in [n for n in names if "MoE" in n]:
+    for name in [n for n in names if variants_ffn(n) != "dense"]:
         runs = [
             r["phases"]["pre-training"] for r in finished(work, name, seeds) if "pre-training" in r["phases"]
         ]
