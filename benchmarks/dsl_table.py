@@ -98,8 +98,10 @@ def pruned_rows(ckpt: str, densities: list[float], device: str, work: Path) -> d
 
     out = {}
     work.mkdir(parents=True, exist_ok=True)
+    datamodule, model, trainer = rebuilt(ckpt, device)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
     for density in densities:
-        datamodule, model, trainer = rebuilt(ckpt, device)
+        model.load_state_dict(dense)  # each density prunes the dense weights afresh
         prune_by_magnitude(model.net, density)
         tables = export_sparse(model.net, work / f"pruned_{density}.pt")
         test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
